@@ -1,0 +1,361 @@
+"""Representation and weight penalties of Choi & Rhee (AAAI 2019).
+
+All representation penalties share one signature::
+
+    penalty(activations, one_hot_labels=None, *, axis_name=None) -> float32 scalar
+
+``activations`` has shape ``(N, ...)`` and is flattened to ``(N, I)`` with ``I`` the product of the
+non-batch dimensions (every H·W·C position of a conv feature map is a unit, as in the paper).
+``one_hot_labels`` has shape ``(N, K)`` with ``K`` the number of classes of the dataset (absent classes
+included). Statistics are mini-batch statistics with the paper's ``1/N`` (per class ``1/|S_k|``),
+eqs. (1)–(6)::
+
+    μ_i = 1/N Σ_n z_in                 c_ij = 1/N Σ_n (z_in − μ_i)(z_jn − μ_j)        v_i = c_ii
+    μ^k_i = 1/|S_k| Σ_{n∈S_k} z_in     c^k_ij = 1/|S_k| Σ_{n∈S_k} (z_in − μ^k_i)(z_jn − μ^k_j)
+
+Normalization follows the authors' released code (it equals Table 1 except for CR/cw-CR, where Table 1's
+printed 2/(I(I−1)) prefactor disagrees with Table 1's own gradient by a factor 2; code and gradient agree)::
+
+    Ω_CR    = Σ_{i≠j} c_ij² / (I(I−1))              Ω_VR    = Σ_i v_i / I
+    Ω_cw-CR = Σ_k Σ_{i≠j} (c^k_ij)² / (K I(I−1))     Ω_cw-VR = Σ_k Σ_i v^k_i / (K I)
+    Ω_L1R   = Σ_n Σ_i |z_in| / (N I)
+
+The all-class penalties are the class-wise ones with a single class (K = 1), so each formula lives in one
+place. A class absent from the batch, or with a single sample, contributes exactly 0 (the authors' code
+returns NaN for an absent class). Activations of any float dtype (bf16 included) are accumulated in f32.
+
+Wide layers: Σ_k ‖C_k‖²_F is computed either from K per-class I×I covariances (cost K·N·I²) or, exactly,
+from the N×N Gram matrix of class-centred activations restricted to same-class pairs (cost N²·I), since
+‖Z_kᵀ Z_k‖_F = ‖Z_k Z_kᵀ‖_F. The cheaper form is chosen from the static shapes, so cw-CR on a 65,536-unit
+conv feature map costs about as much as a forward pass of the layer, and no N×I×I tensor is ever built.
+
+Multiple devices: with ``axis_name`` set inside ``jax.pmap`` or ``jax.shard_map``, every statistic is that
+of the global batch (all devices along the axis). The returned value is identical on every device and
+equals the single-device penalty of the concatenated batch; ``jax.grad`` of it with respect to a device's
+activations is that device's slice of the single-device gradient (see ``_replicated``).
+
+Reference: D. Choi and W. Rhee, "Utilizing Class Information for Deep Network Representation Shaping",
+AAAI 2019, arXiv:1809.09307. CR is DeCov (Cogswell et al., ICLR 2016).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Protocol
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+AxisName = Optional[Any]
+
+# f32 matmuls at full precision: on GPUs the default may use TF32, which would make the penalty inexact.
+_PRECISION = lax.Precision.HIGHEST
+
+
+class Penalty(Protocol):
+
+  def __call__(self, activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
+               axis_name: AxisName = None) -> Array:
+    ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared statistics.
+
+
+def _dot(a: Array, b: Array) -> Array:
+  return jnp.matmul(a, b, precision=_PRECISION)
+
+
+def _psum(x: Array, axis_name: AxisName) -> Array:
+  return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def _axis_size(axis_name: AxisName) -> int:
+  return 1 if axis_name is None else lax.axis_size(axis_name)
+
+
+def _as_units(activations: chex.Array) -> Array:
+  """(N, ...) -> (N, I) in float32."""
+  activations = jnp.asarray(activations)
+  if activations.ndim < 2:
+    raise ValueError(
+        f'activations must have shape (N, ...) with at least one unit dimension, got shape '
+        f'{activations.shape}.')
+  chex.assert_type(activations, float)
+  return activations.reshape(activations.shape[0], -1).astype(jnp.float32)
+
+
+def _as_labels(one_hot_labels: Optional[chex.Array], z: Array, name: str) -> Array:
+  if one_hot_labels is None:
+    raise ValueError(f'{name} is a class-wise penalty: it needs one_hot_labels of shape (N, K).')
+  one_hot_labels = jnp.asarray(one_hot_labels)
+  chex.assert_rank(one_hot_labels, 2)
+  chex.assert_equal_shape_prefix((z, one_hot_labels), prefix_len=1)
+  return one_hot_labels.astype(jnp.float32)
+
+
+def _single_class(z: Array) -> Array:
+  return jnp.ones((z.shape[0], 1), jnp.float32)
+
+
+def _class_centred(z: Array, y: Array, axis_name: AxisName) -> tuple[Array, Array]:
+  """Subtracts from each sample the mean of its class (global batch).
+
+  Args:
+    z: (N, I) activations.
+    y: (N, K) one-hot labels.
+    axis_name: optional mapped axis over which the batch is split.
+
+  Returns:
+    (z − μ^{k(n)}) of shape (N, I), and the class counts |S_k| of shape (K,).
+  """
+  counts = _psum(jnp.sum(y, axis=0), axis_name)
+  class_sums = _psum(_dot(y.T, z), axis_name)
+  # max(·, 1): an absent class has a zero sum and no members, so its (unused) mean is 0, not NaN.
+  means = class_sums / jnp.maximum(counts, 1.0)[:, None]
+  return z - _dot(y, means), counts
+
+
+def _replicated(value: Array, activations: Array, axis_name: AxisName) -> Array:
+  """Returns ``value`` (already global) with the gradient of the global penalty on each device.
+
+  Under ``jax.pmap`` (and ``shard_map(check_vma=False)``) psum transposes to psum, so ``jax.grad`` of a
+  value replicated over D devices gives D times the gradient of the global penalty on each device. Handing
+  autodiff the share value/D (while returning the value itself) gives exactly the global gradient. Under
+  ``shard_map`` with varying-axis tracking, the replicated value is typed as such and autodiff is already
+  exact, so nothing is changed there.
+  """
+  if axis_name is None:
+    return value
+  manual = getattr(jax.typeof(activations), 'manual_axis_type', None)
+  varying = getattr(manual, 'varying', frozenset())
+  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  if all(name in varying for name in names):
+    return value
+  share = value / _axis_size(axis_name)
+  return lax.stop_gradient(value) + (share - lax.stop_gradient(share))
+
+
+def _variance(z: Array, y: Array, axis_name: AxisName) -> Array:
+  """Σ_k Σ_i v^k_i / (K I): the cw-VR form; VR is the K = 1 case."""
+  num_classes, num_units = y.shape[1], z.shape[1]
+  centred, counts = _class_centred(z, y, axis_name)
+  # Σ_i v^k_i = (1/|S_k|) Σ_{n∈S_k} ‖z_n − μ^k‖²: per-sample squared norms summed per class.
+  per_class = _psum(_dot(jnp.sum(centred * centred, axis=1), y), axis_name)
+  total = jnp.sum(per_class / jnp.maximum(counts, 1.0))
+  return total / (float(num_classes) * float(num_units))
+
+
+def use_gram_form(num_samples: int, num_units: int, num_classes: int) -> bool:
+  """Whether the N×N Gram form of Σ_k ‖C_k‖²_F is cheaper than K per-class I×I covariances.
+
+  The covariance form costs K·N·I² flops and K·I² memory, the Gram form N²·I flops and N² memory
+  (N = global batch size).
+  """
+  return num_samples * num_samples < num_classes * num_samples * num_units
+
+
+def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
+  """Σ_k Σ_{i≠j} (c^k_ij)² / (K I(I−1)): the cw-CR form; CR is the K = 1 case."""
+  num_classes, num_units = y.shape[1], z.shape[1]
+  if num_units < 2:  # No pair of distinct units.
+    return jnp.zeros((), jnp.float32)
+  centred, counts = _class_centred(z, y, axis_name)
+  inv_counts = 1.0 / jnp.maximum(counts, 1.0)
+  num_samples = z.shape[0] * _axis_size(axis_name)
+  if use_gram_form(num_samples, num_units, num_classes):
+    # ‖C_k‖²_F = (1/|S_k|²) Σ_{n,m∈S_k} ⟨z_n − μ^k, z_m − μ^k⟩²: same-class entries of the Gram matrix.
+    if axis_name is None:
+      others, other_labels = centred, y
+    else:
+      others = lax.all_gather(centred, axis_name, tiled=True)
+      other_labels = lax.all_gather(y, axis_name, tiled=True)
+    gram = _dot(centred, others.T)
+    same_class = _dot(y, other_labels.T)
+    sample_weight = _dot(y, inv_counts * inv_counts)
+    frobenius = _psum(jnp.sum(sample_weight[:, None] * same_class * gram * gram), axis_name)
+    # Remove the diagonal Σ_k Σ_i (v^k_i)², with v^k_i from per-class sums of squares (K×I, never K×I×I).
+    variances = _psum(_dot(y.T, centred * centred), axis_name) * inv_counts[:, None]
+    off_diagonal = frobenius - jnp.sum(variances * variances)
+  else:
+    # Small I: per-class covariances, off-diagonal entries summed directly (no cancellation).
+    scatter = jnp.einsum('nk,ni,nj->kij', y, centred, centred, precision=_PRECISION)
+    covariances = _psum(scatter, axis_name) * inv_counts[:, None, None]
+    off_diagonal_mask = 1.0 - jnp.eye(num_units, dtype=jnp.float32)
+    off_diagonal = jnp.sum(jnp.square(covariances) * off_diagonal_mask)
+  return off_diagonal / (float(num_classes) * float(num_units) * float(num_units - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public penalties.
+
+
+def cr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
+       axis_name: AxisName = None) -> Array:
+  r"""Covariance Regularizer (CR, = DeCov of Cogswell et al. 2016).
+
+  .. math::
+    Ω_{CR} = \frac{1}{I(I-1)} \sum_{i \ne j} c_{ij}^2, \quad
+    c_{ij} = \frac{1}{N} \sum_n (z_{in} - μ_i)(z_{jn} - μ_j)
+
+  Args:
+    activations: (N, ...) representation of one layer; flattened to (N, I).
+    one_hot_labels: ignored (accepted for a uniform signature).
+    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+
+  Returns:
+    float32 scalar. 0 when I = 1.
+
+  References:
+    Choi & Rhee, AAAI 2019, Table 1 (normalization of the released code, see module docstring).
+  """
+  del one_hot_labels
+  z = _as_units(activations)
+  return _replicated(_covariance(z, _single_class(z), axis_name), activations, axis_name)
+
+
+def cw_cr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
+          axis_name: AxisName = None) -> Array:
+  r"""Class-wise Covariance Regularizer (cw-CR).
+
+  .. math::
+    Ω_{cw-CR} = \frac{1}{K I(I-1)} \sum_k \sum_{i \ne j} (c^k_{ij})^2, \quad
+    c^k_{ij} = \frac{1}{|S_k|} \sum_{n \in S_k} (z_{in} - μ^k_i)(z_{jn} - μ^k_j)
+
+  Args:
+    activations: (N, ...) representation of one layer; flattened to (N, I).
+    one_hot_labels: (N, K) one-hot labels; K is the number of classes of the dataset.
+    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+
+  Returns:
+    float32 scalar. Absent and single-sample classes contribute 0.
+
+  References:
+    Choi & Rhee, AAAI 2019, eq. (7) and Table 1.
+  """
+  z = _as_units(activations)
+  y = _as_labels(one_hot_labels, z, 'cw_cr')
+  return _replicated(_covariance(z, y, axis_name), activations, axis_name)
+
+
+def vr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
+       axis_name: AxisName = None) -> Array:
+  r"""Variance Regularizer (VR).
+
+  .. math::
+    Ω_{VR} = \frac{1}{I} \sum_i v_i, \quad v_i = \frac{1}{N} \sum_n (z_{in} - μ_i)^2
+
+  Args:
+    activations: (N, ...) representation of one layer; flattened to (N, I).
+    one_hot_labels: ignored (accepted for a uniform signature).
+    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+
+  Returns:
+    float32 scalar.
+
+  References:
+    Choi & Rhee, AAAI 2019, Table 1.
+  """
+  del one_hot_labels
+  z = _as_units(activations)
+  return _replicated(_variance(z, _single_class(z), axis_name), activations, axis_name)
+
+
+def cw_vr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
+          axis_name: AxisName = None) -> Array:
+  r"""Class-wise Variance Regularizer (cw-VR).
+
+  .. math::
+    Ω_{cw-VR} = \frac{1}{K I} \sum_k \sum_i v^k_i, \quad
+    v^k_i = \frac{1}{|S_k|} \sum_{n \in S_k} (z_{in} - μ^k_i)^2
+
+  Args:
+    activations: (N, ...) representation of one layer; flattened to (N, I).
+    one_hot_labels: (N, K) one-hot labels; K is the number of classes of the dataset.
+    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+
+  Returns:
+    float32 scalar. Absent and single-sample classes contribute 0.
+
+  References:
+    Choi & Rhee, AAAI 2019, Table 1.
+  """
+  z = _as_units(activations)
+  y = _as_labels(one_hot_labels, z, 'cw_vr')
+  return _replicated(_variance(z, y, axis_name), activations, axis_name)
+
+
+def l1r(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
+        axis_name: AxisName = None) -> Array:
+  r"""L1 representation regularizer (L1R; Glorot et al. 2011).
+
+  .. math:: Ω_{L1R} = \frac{1}{N I} \sum_n \sum_i |z_{in}|
+
+  Args:
+    activations: (N, ...) representation of one layer; flattened to (N, I).
+    one_hot_labels: ignored (its class-wise counterpart is the same function, paper's Discussion).
+    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+
+  Returns:
+    float32 scalar.
+
+  References:
+    Choi & Rhee, AAAI 2019, Discussion and Conclusion.
+  """
+  del one_hot_labels
+  z = _as_units(activations)
+  num_samples = z.shape[0] * _axis_size(axis_name)
+  value = _psum(jnp.sum(jnp.abs(z)), axis_name) / (float(num_samples) * float(z.shape[1]))
+  return _replicated(value, activations, axis_name)
+
+
+PENALTIES: Mapping[str, Penalty] = {
+    'cr': cr,
+    'cw_cr': cw_cr,
+    'vr': vr,
+    'cw_vr': cw_vr,
+    'l1r': l1r,
+}
+
+
+def get_penalty(name: str) -> Penalty:
+  """Looks up a representation penalty by its registry name."""
+  try:
+    return PENALTIES[name]
+  except KeyError:
+    raise ValueError(
+        f'Unknown representation penalty {name!r}; valid names: {sorted(PENALTIES)}.') from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight penalties.
+
+
+def _kernels(params: chex.ArrayTree) -> list[Array]:
+  """The 'kernel' leaves (Dense/Conv weight matrices); biases, BatchNorm scales and offsets don't count."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return [leaf for path, leaf in leaves
+          if getattr(path[-1], 'key', getattr(path[-1], 'name', None)) == 'kernel']
+
+
+def l1w(params: chex.ArrayTree) -> Array:
+  r"""L1 weight penalty :math:`Σ_w |w|` over the 'kernel' leaves of a params pytree.
+
+  Pass a subtree (e.g. ``params['layer5']``) to penalize one layer's weights, as in the paper.
+  """
+  return sum((jnp.sum(jnp.abs(w.astype(jnp.float32))) for w in _kernels(params)), jnp.zeros(()))
+
+
+def l2w(params: chex.ArrayTree) -> Array:
+  r"""L2 weight penalty :math:`\frac{1}{2} Σ_w w^2` over the 'kernel' leaves (``tf.nn.l2_loss``).
+
+  Pass a subtree (e.g. ``params['layer5']``) to penalize one layer's weights, as in the paper.
+  """
+  return 0.5 * sum((jnp.sum(jnp.square(w.astype(jnp.float32))) for w in _kernels(params)),
+                   jnp.zeros(()))
+
+
+WEIGHT_PENALTIES: Mapping[str, Callable[[chex.ArrayTree], Array]] = {'l1w': l1w, 'l2w': l2w}
