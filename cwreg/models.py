@@ -7,30 +7,30 @@ the ``'intermediates'`` collection under a stable, flat name, always from the to
 
 Sown-value layout (checked against flax 0.12.8)::
 
-        logits, state = model.apply(variables, x, mutable=['intermediates'])
-        state['intermediates'][name] == (array,)  # a plain ``dict`` of 1-tuples, one entry per sown name
+    logits, state = model.apply(variables, x, mutable=['intermediates'])
+    state['intermediates'][name] == (array,)  # a plain ``dict`` of 1-tuples, one entry per sown name
 
 * The names sit directly under ``'intermediates'`` (no sub-module nesting) because they are sown by the
-    top-level module with explicit names.
+  top-level module with explicit names.
 * Each value is a 1-tuple because ``Module.sow``'s default ``reduce_fn`` appends to a tuple; calling the
-    model once per ``apply`` yields exactly one element. Take ``state['intermediates'][name][0]``.
+  model once per ``apply`` yields exactly one element. Take ``state['intermediates'][name][0]``.
 * ``model.init`` does not return ``'intermediates'`` (flax's ``init`` excludes that collection by default),
-    so ``variables`` holds only ``'params'`` (plus ``'batch_stats'`` for :class:`ResNet`).
+  so ``variables`` holds only ``'params'`` (plus ``'batch_stats'`` for :class:`ResNet`).
 * For ResNet in train mode use ``mutable=['batch_stats', 'intermediates']``.
 
 Naming rules:
 
 * ``model.layer_names()`` lists the post-activation representations and the output, in forward order
-    (``LAYERS`` is the same list for the default constructor arguments). These are what regularizers target.
-* Every *hidden* layer (one followed by a ReLU) is also sown before its ReLU as ``<name>_preact``; the paper's
-    PCA figures (Figure 4) plot representations "before ReLU". ``model.preact_names()`` lists them. Output
-    layers (logits, the autoencoder's sigmoid reconstruction) and the ResNet's average-pooled features have no
-    ReLU and therefore no ``_preact`` entry.
+  (``LAYERS`` is the same list for the default constructor arguments). These are what regularizers target.
+* Every *hidden* layer (one followed by a ReLU) is also sown before its ReLU as ``<name>_preact``; the
+  paper's PCA plots (Figure 2, bottom row) use representations "before ReLU". ``model.preact_names()``
+  lists them. Output layers (logits, the autoencoder's sigmoid reconstruction) and the ResNet's
+  average-pooled features have no ReLU and therefore no ``_preact`` entry.
 * Sown names share flax's per-module name space with sub-modules, so parameter sub-modules are named
   differently (``dense{i}`` in the MLP/autoencoder, ``Conv_{i}``/``Dense_fc``/``Dense_logits`` in the CNN,
   ``Dense_logits`` in the ResNet): ``variables['params']`` and the sown names never collide.
 * Sown arrays keep their natural shape: dense layers ``(N, units)``, conv feature maps ``(N, H, W, C)``.
-    Regularizers that need vectors should flatten them.
+  Regularizers that need vectors should flatten them.
 
 All models take NHWC float images in [0, 1] and ``__call__(x, train=False)``; parameters are float32
 (``param_dtype``) and ``dtype`` sets the computation dtype (e.g. ``jnp.bfloat16``), in which the sown
@@ -65,6 +65,11 @@ __all__ = [
 def _flatten(x: jax.Array) -> jax.Array:
     """Flattens all but the batch axis: ``(N, ...) -> (N, prod(...))``."""
     return x.reshape((x.shape[0], -1))
+
+
+def _check_layer(model: nn.Module, layer: str) -> None:
+    if layer not in model.layer_names():
+        raise ValueError(f'{type(model).__name__} sows no layer {layer!r}; valid: {list(model.layer_names())}.')
 
 
 class MLP(nn.Module):
@@ -106,6 +111,11 @@ class MLP(nn.Module):
     def preact_names(self) -> tuple[str, ...]:
         """Names of the sown pre-ReLU hidden representations."""
         return tuple(f'layer{i}{PREACT_SUFFIX}' for i in range(1, self.depth + 1))
+
+    def param_names(self, layer: str) -> tuple[str, ...]:
+        """Parameter sub-modules whose kernels produce representation ``layer`` (``layer{i}`` ← ``dense{i}``)."""
+        _check_layer(self, layer)
+        return (f'dense{layer[len("layer"):]}',)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -170,6 +180,13 @@ class CNN(nn.Module):
         """Names of the sown pre-ReLU hidden representations."""
         return tuple(f'{name}{PREACT_SUFFIX}' for name in self.LAYERS[:-1])
 
+    def param_names(self, layer: str) -> tuple[str, ...]:
+        """Parameter sub-modules whose kernels produce representation ``layer``."""
+        _check_layer(self, layer)
+        if layer.startswith('conv'):
+            return (f'Conv_{layer[len("conv"):]}',)
+        return (f'Dense_{layer}',)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps images ``(N, H, W, C)`` to logits ``(N, num_classes)``."""
@@ -195,7 +212,9 @@ class CNN(nn.Module):
         self.sow('intermediates', f'fc{PREACT_SUFFIX}', h)
         h = nn.relu(h)
         self.sow('intermediates', 'fc', h)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='Dense_logits')(h)
+        logits = nn.Dense(
+            self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='Dense_logits'
+        )(h)
         self.sow('intermediates', 'logits', logits)
         return logits
 
@@ -296,6 +315,13 @@ class ResNet(nn.Module):
         """Names of the sown pre-ReLU stage outputs."""
         return tuple(f'stage{i}{PREACT_SUFFIX}' for i in range(1, 4))
 
+    def param_names(self, layer: str) -> tuple[str, ...]:
+        """Parameter sub-modules producing ``layer``: a stage's blocks, or the output Dense ('pool' has none)."""
+        _check_layer(self, layer)
+        if layer.startswith('stage'):
+            return tuple(f'{layer}_block{b}' for b in range(1, self.blocks_per_stage + 1))
+        return ('Dense_logits',) if layer == 'logits' else ()
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Maps images ``(N, H, W, 3)`` to logits ``(N, num_classes)``."""
@@ -329,7 +355,9 @@ class ResNet(nn.Module):
             self.sow('intermediates', f'stage{s}', h)
         h = jnp.mean(h, axis=(1, 2))
         self.sow('intermediates', 'pool', h)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='Dense_logits')(h)
+        logits = nn.Dense(
+            self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='Dense_logits'
+        )(h)
         self.sow('intermediates', 'logits', logits)
         return logits
 
@@ -370,6 +398,11 @@ class Autoencoder(nn.Module):
     def preact_names(self) -> tuple[str, ...]:
         """Names of the sown pre-ReLU hidden representations."""
         return tuple(f'layer{i}{PREACT_SUFFIX}' for i in range(1, len(self.hidden) + 1))
+
+    def param_names(self, layer: str) -> tuple[str, ...]:
+        """Parameter sub-modules whose kernels produce representation ``layer`` (``layer{i}`` ← ``dense{i}``)."""
+        _check_layer(self, layer)
+        return (f'dense{layer[len("layer"):]}',)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -182,7 +182,10 @@ def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
     off_diagonal = frobenius - jnp.sum(variances * variances)
   else:
     # Small I: per-class covariances, off-diagonal entries summed directly (no cancellation).
-    scatter = jnp.einsum('nk,ni,nj->kij', y, centred, centred, precision=_PRECISION)
+    if num_classes == 1:
+      scatter = _dot(centred.T, centred)[None]
+    else:
+      scatter = jnp.einsum('nk,ni,nj->kij', y, centred, centred, precision=_PRECISION)
     covariances = _psum(scatter, axis_name) * inv_counts[:, None, None]
     off_diagonal_mask = 1.0 - jnp.eye(num_units, dtype=jnp.float32)
     off_diagonal = jnp.sum(jnp.square(covariances) * off_diagonal_mask)

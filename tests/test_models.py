@@ -1,7 +1,9 @@
 """Tests for cwreg.models: shapes, sown names, parameter counts, BatchNorm behaviour, registry.
 
 Parameter counts are recomputed here from the architectures (paper appendix A.2/A.3, He et al. 2016 sec. 4.2)
-rather than copied from the implementation. Batches are 2 images; ResNet-110 is only shape-evaluated.
+rather than copied from the implementation. Batches are 2 images; ResNet-32/110 are only traced with
+``jax.eval_shape`` (names, shapes, counts), and ResNet behaviour (BN, shortcuts, jit) is run on a ResNet-8
+(n=1) with 16x16 images so the file stays well under a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from cwreg.models import CNN, MLP, MODELS, PREACT_SUFFIX, Autoencoder, ResNet, c
 N = 2
 MNIST_SHAPE = (N, 28, 28, 1)
 CIFAR_SHAPE = (N, 32, 32, 3)
+SMALL = 16  # Spatial size of the ResNet-8 behavioural tests, to keep them fast.
 
 
 def _images(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
@@ -87,10 +90,27 @@ def autoencoder_run():
 
 
 @pytest.fixture(scope='module')
-def resnet32_run():
+def resnet32_shapes():
+    """ResNet-32 traced abstractly (no compilation): enough for names, shapes and parameter counts."""
     model = ResNet(depth=32)
-    x = _images(CIFAR_SHAPE)
-    variables = jax.jit(model.init)(jax.random.key(4), x)
+    x = jax.ShapeDtypeStruct(CIFAR_SHAPE, jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.key(4), x)
+    out, state = jax.eval_shape(lambda v, x: model.apply(v, x, mutable=['intermediates']), variables, x)
+    return model, variables, x, out, state
+
+
+@pytest.fixture(scope='module')
+def resnet8():
+    """A small ResNet (n=1) for behavioural tests; its parameters do not depend on the image size."""
+    model = ResNet(depth=8)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, SMALL, SMALL, 3)))
+    return model, variables
+
+
+@pytest.fixture(scope='module')
+def resnet8_run(resnet8):
+    model, variables = resnet8
+    x = _images((N, SMALL, SMALL, 3), seed=10)
     out, state = jax.jit(lambda v, x: model.apply(v, x, mutable=['intermediates']))(variables, x)
     return model, variables, x, out, state
 
@@ -170,8 +190,8 @@ def test_autoencoder_sown_names_and_shapes(autoencoder_run):
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
-def test_resnet_sown_names_and_shapes(resnet32_run):
-    model, variables, _, out, state = resnet32_run
+def test_resnet_sown_names_and_shapes(resnet32_shapes):
+    model, variables, _, out, state = resnet32_shapes
     post = {'stage1': (N, 32, 32, 16), 'stage2': (N, 16, 16, 32), 'stage3': (N, 8, 8, 64)}
     expected = dict(post)
     expected.update({f'{k}_preact': v for k, v in post.items()})
@@ -179,13 +199,18 @@ def test_resnet_sown_names_and_shapes(resnet32_run):
     assert _sown_shapes(state) == expected
     assert out.shape == (N, 10)
     assert model.layer_names() == ResNet.LAYERS == ('stage1', 'stage2', 'stage3', 'pool', 'logits')
-    np.testing.assert_array_equal(state['intermediates']['logits'][0], out)
-    inter = {k: v[0] for k, v in state['intermediates'].items()}
-    np.testing.assert_allclose(inter['pool'], inter['stage3'].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
     assert set(variables) == {'params', 'batch_stats'}
 
 
-@pytest.mark.parametrize('run', ['mlp_run', 'cnn_run', 'autoencoder_run', 'resnet32_run'])
+def test_resnet_sown_values(resnet8_run):
+    model, _, _, out, state = resnet8_run
+    inter = {k: v[0] for k, v in state['intermediates'].items()}
+    assert set(inter) == set(model.layer_names()) | set(model.preact_names())
+    np.testing.assert_array_equal(inter['logits'], out)
+    np.testing.assert_allclose(inter['pool'], inter['stage3'].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('run', ['mlp_run', 'cnn_run', 'autoencoder_run', 'resnet8_run'])
 def test_preact_is_post_activation_before_relu(run, request):
     model, *_, state = request.getfixturevalue(run)
     inter = state['intermediates']
@@ -252,8 +277,8 @@ def test_resnet_conv_layer_count_and_no_conv_bias():
     assert all(jax.tree_util.keystr(p).endswith("['kernel']") for p in kernels)
 
 
-def test_resnet_he_normal_fan_out_init():
-    variables = jax.jit(ResNet(depth=8).init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+def test_resnet_he_normal_fan_out_init(resnet8):
+    _, variables = resnet8
     # Stage-2 first conv: 3x3, 16 -> 32, so fan_in = 144 (std 0.118) and fan_out = 288 (std 0.083).
     kernel = np.asarray(variables['params']['stage2_block1']['conv1']['kernel'])
     assert kernel.shape == (3, 3, 16, 32)
@@ -271,11 +296,10 @@ def test_resnet_rejects_invalid_depth(depth):
 # ResNet shortcuts and BatchNorm.
 
 
-def test_resnet_option_a_shortcut():
+def test_resnet_option_a_shortcut(resnet8):
     """With all block convs zeroed (eval mode), each block is identity/subsample+zero-pad on its input."""
-    model = ResNet(depth=8)
-    x = _images((1, 32, 32, 3), seed=5)
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+    model, variables = resnet8
+    x = _images((1, SMALL, SMALL, 3), seed=5)
     params = jax.tree_util.tree_map_with_path(
         lambda p, a: jnp.zeros_like(a) if 'block' in jax.tree_util.keystr(p) else a, variables['params']
     )
@@ -290,8 +314,10 @@ def test_resnet_option_a_shortcut():
     np.testing.assert_array_equal(s3[..., 32:], 0.0)
 
 
-def test_resnet_batchnorm_train_updates_stats(resnet32_run):
-    model, variables, x, out_eval, _ = resnet32_run
+def test_resnet_batchnorm_train_updates_stats(resnet8):
+    model, variables = resnet8
+    x = _images((N, SMALL, SMALL, 3), seed=9)
+    out_eval = model.apply(variables, x)
     stats = variables['batch_stats']
     np.testing.assert_array_equal(stats['stem_bn']['mean'], 0.0)
     np.testing.assert_array_equal(stats['stem_bn']['var'], 1.0)
@@ -318,10 +344,9 @@ def test_resnet_batchnorm_train_updates_stats(resnet32_run):
         assert not path_stats  # Every BN layer's statistics moved.
 
 
-def test_resnet_eval_uses_running_stats_per_example():
-    model = ResNet(depth=8)
-    x = _images((3, 32, 32, 3), seed=6)
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+def test_resnet_eval_uses_running_stats_per_example(resnet8):
+    model, variables = resnet8
+    x = _images((N, SMALL, SMALL, 3), seed=6)
     apply = jax.jit(model.apply, static_argnames=('train', 'mutable'))
     full = apply(variables, x)
     single = apply(variables, x[:1])
@@ -331,10 +356,10 @@ def test_resnet_eval_uses_running_stats_per_example():
     assert not np.allclose(full_train[:1], single_train, atol=1e-4)  # Batch statistics depend on the batch.
 
 
-def test_resnet_bn_axis_name_syncs_statistics():
+def test_resnet_bn_axis_name_syncs_statistics(resnet8):
     """Two 1-image shards under a named axis give the statistics of the 2-image batch."""
-    x = _images((2, 32, 32, 3), seed=7)
-    variables = jax.jit(ResNet(depth=8).init)(jax.random.key(0), x)
+    _, variables = resnet8
+    x = _images((2, SMALL, SMALL, 3), seed=7)
     synced = ResNet(depth=8, bn_axis_name='devices')
 
     def train_stats(model, v, x):
@@ -343,7 +368,7 @@ def test_resnet_bn_axis_name_syncs_statistics():
     whole = jax.jit(lambda v, x: train_stats(ResNet(depth=8), v, x))(variables, x)
     sharded = jax.jit(
         jax.vmap(lambda v, x: train_stats(synced, v, x), in_axes=(None, 0), axis_name='devices')
-    )(variables, x.reshape(2, 1, 32, 32, 3))
+    )(variables, x.reshape(2, 1, SMALL, SMALL, 3))
     for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(sharded)):
         np.testing.assert_allclose(b[0], a, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(b[1], a, rtol=1e-4, atol=1e-5)
@@ -361,10 +386,9 @@ def test_jit_matches_eager(run, request):
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_resnet_jit_matches_eager():
-    model = ResNet(depth=8)
-    x = _images((N, 32, 32, 3), seed=8)
-    variables = jax.jit(model.init)(jax.random.key(0), x)
+def test_resnet_jit_matches_eager(resnet8):
+    model, variables = resnet8
+    x = _images((N, SMALL, SMALL, 3), seed=8)
     eager, eager_state = model.apply(variables, x, train=True, mutable=['batch_stats'])
     jitted, jit_state = jax.jit(
         lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])

@@ -1,0 +1,570 @@
+"""Training and evaluation: task loss + λ·Ω(chosen representation) + weight penalties, pmapped with optax.
+
+The objective of one run is the paper's J̃ = J + λ Ω(z, y) (eq. 7), plus optionally an L1/L2 weight
+penalty and He et al.'s weight decay:
+
+    J̃ = mean task loss over the global batch + λ Ω(z over the global batch) + λ_w W(kernels) + wd ½‖w‖²
+
+Data parallelism. The per-device step is a pure function with ``axis_name='batch'`` mapped with
+``jax.pmap`` over all local devices. Under ``pmap``, ``jax.grad`` of a device's loss ℓ_d w.r.t. its inputs
+is ∂(Σ_d ℓ_d)/∂(inputs) (psum and pmean transpose to psum), so each device minimizes its *share* of J̃:
+ℓ_d = (task_d + weight terms) / D + λ Ω, where Ω (``cwreg.penalties`` with ``axis_name``) already has the
+global value and a per-device gradient that sums to the global one. Summing the parameter gradients
+(``psum``) then gives exactly ∇J̃ — the same update as one device on the whole batch, BatchNorm statistics
+(synced through the same axis) included.
+
+Input. Small datasets live in device memory; each epoch's order is a permutation drawn from
+(seed, epoch), and ``steps_per_dispatch`` steps run as one ``lax.scan`` so a step never waits on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Optional
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import flax
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from cwreg import data as data_lib
+from cwreg import models
+from cwreg import penalties
+
+AXIS = 'batch'
+OPTIMIZERS = ('adam', 'momentum', 'rmsprop', 'sgd')
+SCHEDULES = ('constant', 'piecewise')
+NO_PENALTY = 'none'
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any = None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config checks: everything that can be wrong with a config fails here, before any data is loaded.
+
+
+def _choice(kind: str, value: str, valid) -> None:
+    if value not in valid:
+        raise ValueError(f'Unknown {kind} {value!r}; valid choices: {sorted(valid)}.')
+
+
+def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> models.nn.Module:
+    """Builds the configured model; config.model.width/depth mean what the family's constructor says."""
+    name = config.model.name
+    _choice('model', name, models.MODELS)
+    kwargs = {
+        'mlp': dict(num_classes=num_classes, width=config.model.width, depth=config.model.depth),
+        'cnn': dict(num_classes=num_classes, fc_width=config.model.width),
+        'resnet': dict(num_classes=num_classes, depth=config.model.depth, bn_axis_name=AXIS),
+        'autoencoder': dict(),
+    }[name]
+    return models.create_model(name, **kwargs)
+
+
+def is_reconstruction(config: ml_collections.ConfigDict) -> bool:
+    return config.model.name == 'autoencoder'
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError, listing the valid choices, for anything a run cannot use."""
+    _choice('dataset', config.dataset.name, data_lib.DATASETS)
+    model = model_from_config(config, num_classes=10)
+    _choice('representation penalty', config.penalty.name, (NO_PENALTY, *penalties.PENALTIES))
+    layers = model.layer_names()
+    _choice(f'layer of model {config.model.name!r}', config.penalty.layer, layers)
+    _choice('weight penalty', config.weight_penalty.name, (NO_PENALTY, *penalties.WEIGHT_PENALTIES))
+    if config.weight_penalty.layer != 'all':
+        _choice(f'weight-penalty layer of model {config.model.name!r}', config.weight_penalty.layer,
+                ('all', *layers))
+    _choice('optimizer', config.optimizer.name, OPTIMIZERS)
+    _choice('learning-rate schedule', config.optimizer.schedule, SCHEDULES)
+    if config.batch_size % jax.device_count():
+        raise ValueError(f'batch_size {config.batch_size} is not divisible by the {jax.device_count()} '
+                         'devices.')
+    for field in ('penalty', 'weight_penalty'):
+        if config[field].weight < 0:
+            raise ValueError(f'config.{field}.weight must be >= 0, got {config[field].weight}.')
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    opt = config.optimizer
+    if opt.schedule == 'constant':
+        learning_rate = opt.learning_rate
+    else:  # He et al. 2016: divide by 10 at the given step boundaries.
+        learning_rate = optax.piecewise_constant_schedule(
+            opt.learning_rate, {int(b): opt.decay_factor for b in opt.boundaries})
+    if opt.name == 'adam':
+        return optax.adam(learning_rate)
+    if opt.name == 'momentum':
+        return optax.sgd(learning_rate, momentum=opt.momentum)
+    if opt.name == 'rmsprop':
+        return optax.rmsprop(learning_rate)
+    return optax.sgd(learning_rate)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The per-device step.
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What one run optimizes: static (hashable) parts of the config the step is traced with."""
+    model: Any
+    reconstruction: bool
+    num_classes: int
+    penalty: Optional[str]
+    layer: str
+    weight_penalty: Optional[str]
+    weight_penalty_layer: str
+    weight_decay: float
+    augment: bool
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> 'Task':
+        none_to_null = lambda name: None if name == NO_PENALTY else name
+        return cls(
+            model=model_from_config(config, num_classes),
+            reconstruction=is_reconstruction(config),
+            num_classes=num_classes,
+            penalty=none_to_null(config.penalty.name),
+            layer=config.penalty.layer,
+            weight_penalty=none_to_null(config.weight_penalty.name),
+            weight_penalty_layer=config.weight_penalty.layer,
+            weight_decay=float(config.weight_decay),
+            augment=bool(config.dataset.augment),
+        )
+
+
+def _layer_params(model, params, layer: str):
+    """The parameters that produce representation `layer` (all of them for 'all')."""
+    if layer == 'all':
+        return params
+    return {name: params[name] for name in model.param_names(layer)}
+
+
+def _forward(task: Task, params, batch_stats, images, train: bool):
+    variables = {'params': params}
+    mutable = ['intermediates']
+    if batch_stats is not None:
+        variables['batch_stats'] = batch_stats
+        if train:
+            mutable.append('batch_stats')
+    outputs, updates = task.model.apply(variables, images, train=train, mutable=mutable)
+    intermediates = {name: value[0] for name, value in updates['intermediates'].items()}
+    return outputs, intermediates, updates.get('batch_stats', batch_stats)
+
+
+def _task_loss(task: Task, outputs, images, labels):
+    """Mean cross-entropy (and #correct) or, for the autoencoder, mean squared error per pixel."""
+    if task.reconstruction:
+        targets = images.reshape(images.shape[0], -1)
+        return jnp.mean(jnp.square(outputs.astype(jnp.float32) - targets)), jnp.zeros(())
+    logits = outputs.astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
+
+
+def _penalty_value(task: Task, intermediates, labels, axis_name):
+    if task.penalty is None:
+        return jnp.zeros(())
+    one_hot = jax.nn.one_hot(labels, task.num_classes)
+    return penalties.get_penalty(task.penalty)(intermediates[task.layer], one_hot, axis_name=axis_name)
+
+
+def _weight_terms(task: Task, params, weights):
+    total = jnp.zeros(())
+    if task.weight_penalty is not None:
+        fn = penalties.WEIGHT_PENALTIES[task.weight_penalty]
+        total += weights['weight_penalty'] * fn(_layer_params(task.model, params, task.weight_penalty_layer))
+    if task.weight_decay:
+        total += task.weight_decay * penalties.l2w(params)
+    return total
+
+
+def train_step(task: Task, state: TrainState, images, labels, weights, rng, axis_name=AXIS):
+    """One optimizer step on this device's part of the global batch (inside pmap over `axis_name`).
+
+    Args:
+      task: static description of the run.
+      state: replicated train state.
+      images, labels: this device's examples (local batch).
+      weights: {'penalty': λ, 'weight_penalty': λ_w} as traced scalars (so runs can be vmapped over λ).
+      rng: per-step key (augmentation).
+    Returns:
+      new state and metrics {'loss', 'penalty', 'correct', 'objective'} of the global batch.
+    """
+    num_devices = lax.axis_size(axis_name)
+    if task.augment:
+        images = data_lib.augment_cifar(rng, images)
+
+    def objective(params):
+        outputs, intermediates, new_batch_stats = _forward(task, params, state.batch_stats, images, True)
+        loss, correct = _task_loss(task, outputs, images, labels)
+        penalty = _penalty_value(task, intermediates, labels, axis_name)
+        share = (loss + _weight_terms(task, params, weights)) / num_devices + weights['penalty'] * penalty
+        return share, (loss, correct, penalty, new_batch_stats)
+
+    grads, (loss, correct, penalty, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+    grads = lax.psum(grads, axis_name)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {
+        'loss': lax.pmean(loss, axis_name),
+        'penalty': penalty,
+        'correct': lax.psum(correct, axis_name),
+    }
+    return state, metrics
+
+
+def train_chunk(task: Task, num_steps: int, global_batch: int, state: TrainState, images, labels, order,
+                first_step, weights, rng, axis_name=AXIS):
+    """`num_steps` steps as one scan; step s reads order[(first_step+s)·B : …+B], this device's slice.
+
+    Returns the new state and per-step metrics (num_steps,) so a NaN can be traced to its step.
+    """
+    local_batch = global_batch // lax.axis_size(axis_name)
+    device = lax.axis_index(axis_name)
+
+    def body(state, step_in_chunk):
+        offset = (first_step + step_in_chunk) * global_batch + device * local_batch
+        index = lax.dynamic_slice_in_dim(order, offset, local_batch)
+        step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
+        return train_step(task, state, images[index], labels[index], weights, step_rng, axis_name)
+
+    return lax.scan(body, state, jnp.arange(num_steps))
+
+
+def eval_chunk(task: Task, state: TrainState, images, labels, mask, axis_name=AXIS):
+    """Sums over this device's evaluation batches (S, B, ...); padding examples have mask 0."""
+
+    def body(totals, batch):
+        x, y, m = batch
+        outputs, intermediates, _ = _forward(task, state.params, state.batch_stats, x, False)
+        if task.reconstruction:
+            per_example = jnp.mean(jnp.square(outputs.astype(jnp.float32) - x.reshape(x.shape[0], -1)), -1)
+            correct = jnp.zeros(())
+        else:
+            logits = outputs.astype(jnp.float32)
+            per_example = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+            correct = jnp.sum((jnp.argmax(logits, -1) == y) * m)
+        # The penalty is a batch statistic: count it on full global batches only.
+        full = lax.pmin(jnp.min(m), axis_name)
+        penalty = _penalty_value(task, intermediates, y, axis_name)
+        totals = jax.tree.map(jnp.add, totals, {
+            'loss': jnp.sum(per_example * m), 'correct': correct, 'count': jnp.sum(m),
+            'penalty': penalty * full, 'penalty_batches': full})
+        return totals, None
+
+    zeros = {k: jnp.zeros(()) for k in ('loss', 'correct', 'count', 'penalty', 'penalty_batches')}
+    totals, _ = lax.scan(body, zeros, (images, labels, mask))
+    sums = {k: v for k, v in totals.items() if not k.startswith('penalty')}
+    sums = lax.psum(sums, axis_name)
+    sums['penalty'] = totals['penalty']
+    sums['penalty_batches'] = totals['penalty_batches']
+    return sums
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Host side. A *group* is a set of runs that differ only in seed and λ: they are trained together as one
+# vmapped program (one run is a group of one), which is what makes a λ search cheap on an accelerator.
+
+
+def shard(tree):
+    """Puts arrays with a leading axis of size local_device_count() one slice per device, as pmap expects."""
+    devices = jax.local_devices()
+    sharding = jax.NamedSharding(jax.sharding.Mesh(np.array(devices), ('devices',)), jax.P('devices'))
+    return jax.device_put(tree, sharding)
+
+
+def replicate(tree):
+    """One copy of every array on each local device (leading device axis), as pmap expects."""
+    count = jax.local_device_count()
+    return shard(jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (count,) + np.shape(x)), tree))
+
+
+def unreplicate(tree):
+    """The first device's copy of replicated arrays."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def _eval_layout(split: data_lib.Split, batch_size: int, num_devices: int):
+    """(D, S, B/D, ...) arrays (zero-padded, with a mask) so each device scans over its part of each batch."""
+    n = len(split.labels)
+    steps = math.ceil(n / batch_size)
+    pad = steps * batch_size - n
+    images = np.concatenate([split.images, np.zeros((pad,) + split.images.shape[1:], np.float32)])
+    labels = np.concatenate([split.labels, np.zeros((pad,), np.int32)])
+    mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+    local = batch_size // num_devices
+
+    def arrange(a):
+        return a.reshape((steps, num_devices, local) + a.shape[1:]).swapaxes(0, 1)
+
+    return arrange(images), arrange(labels), arrange(mask)
+
+
+def initial_state(task: Task, config: ml_collections.ConfigDict, sample: np.ndarray, seed: int) -> TrainState:
+    variables = task.model.init(jax.random.PRNGKey(seed), jnp.asarray(sample[:1]), train=False)
+    return TrainState.create(apply_fn=task.model.apply, params=variables['params'],
+                             tx=create_optimizer(config), batch_stats=variables.get('batch_stats'))
+
+
+def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The example order of one epoch: a function of (seed, epoch) only, so a resumed run repeats it."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 1), epoch)
+    return np.asarray(jax.random.permutation(key, num_examples), np.int32)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced NaN or inf; the message names the penalty, λ and step."""
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    return (f'{config.scenario} seed {config.seed}: penalty {config.penalty.name} (λ={config.penalty.weight}, '
+            f'layer {config.penalty.layer}), weight penalty {config.weight_penalty.name} '
+            f'(λ={config.weight_penalty.weight})')
+
+
+def _group_key(config: ml_collections.ConfigDict) -> str:
+    """Everything but seed and the penalty weights: runs sharing it can be trained as one group."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.seed = 0
+    config.penalty.weight = float(config.penalty.weight > 0)
+    config.weight_penalty.weight = float(config.weight_penalty.weight > 0)
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains one run, checkpointing every epoch (resumes from `workdir`), and writes results.json.
+
+    Raises NonFiniteLossError as soon as the loss is not finite.
+    """
+    return train_group([config], [workdir], workdir, on_nonfinite='raise')[0]
+
+
+def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], group_dir: str,
+                on_nonfinite: str = 'raise') -> list[dict[str, Any]]:
+    """Trains runs that differ only in seed and λ as one vmapped program; writes each run's results.json.
+
+    Args:
+      configs: one config per run; all equal except `seed`, `penalty.weight`, `weight_penalty.weight`.
+      workdirs: one directory per run (results.json goes there).
+      group_dir: where the group's checkpoints and metrics go (a resumed group continues from there).
+      on_nonfinite: 'raise' stops at the first non-finite loss; 'record' marks that run 'diverged' (its
+        results.json says so) and trains the others on.
+    Returns:
+      the results dict of each run.
+    """
+    for config in configs:
+        validate_config(config)
+    if len({_group_key(c) for c in configs}) > 1:
+        raise ValueError('Runs of a group may differ only in seed and penalty weights.')
+    start_time = time.time()
+    config = configs[0]
+    num_runs = len(configs)
+    group_dir = os.path.abspath(group_dir)
+    os.makedirs(group_dir, exist_ok=True)
+    writer = metric_writers.create_default_writer(group_dir, just_logging=jax.process_index() > 0)
+    writer.write_hparams(_flat_hparams(config))
+
+    dataset = data_lib.load_dataset(
+        config.dataset.name, data_dir=config.dataset.data_dir or None, validation=config.dataset.validation,
+        train_size=config.dataset.train_size or None, num_classes=config.dataset.num_classes or None)
+    task = Task.from_config(config, dataset.num_classes)
+    num_devices = jax.local_device_count()
+    global_batch = config.batch_size
+    num_train = len(dataset.train.labels)
+    steps_per_epoch = num_train // global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f'batch_size {global_batch} exceeds the {num_train} training examples.')
+    num_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else int(round(config.num_epochs * steps_per_epoch)))
+    num_epochs = math.ceil(num_steps / steps_per_epoch)
+
+    stack = lambda trees: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+    state = stack([initial_state(task, config, dataset.train.images, c.seed) for c in configs])
+    state = state.replace(step=state.step[0])  # one step counter for the whole group
+    weights = {'penalty': np.array([c.penalty.weight if task.penalty else 0.0 for c in configs], np.float32),
+               'weight_penalty': np.array([c.weight_penalty.weight for c in configs], np.float32)}
+    rngs = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(c.seed), 2)) for c in configs])
+    diverged = [None] * num_runs
+
+    checkpoints = ocp.CheckpointManager(os.path.join(group_dir, 'checkpoints'),
+                                        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    first_epoch = 0
+    if checkpoints.latest_step() is not None:
+        restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(
+            {'state': state, 'epoch': 0, 'diverged': np.zeros(num_runs, np.int64)}))
+        state, first_epoch = restored['state'], int(restored['epoch'])
+        diverged = [int(s) or None for s in restored['diverged']]
+        logging.info('Resumed %s at epoch %d (step %d).', group_dir, first_epoch, int(state.step))
+
+    images, labels = replicate(dataset.train.images), replicate(dataset.train.labels)
+    eval_arrays = shard(_eval_layout(dataset.eval, config.eval_batch_size, num_devices))
+    p_state, p_weights = replicate(state), replicate(weights)
+    p_rngs = replicate(rngs)
+    # Runs are vmapped (axis 0 of state, order, weights, rng); devices are pmapped around them.
+    p_eval = jax.pmap(jax.vmap(functools.partial(eval_chunk, task),
+                               in_axes=(_state_axes(p_state), None, None, None)), axis_name=AXIS)
+    compiled = {}
+
+    def run_steps(p_state, p_order, first_step, count):
+        if count not in compiled:
+            chunk = functools.partial(train_chunk, task, count, global_batch)
+            compiled[count] = jax.pmap(
+                jax.vmap(chunk, in_axes=(_state_axes(p_state), None, None, 0, None, 0, 0),
+                         out_axes=(_state_axes(p_state), 0)),
+                axis_name=AXIS, donate_argnums=(0,))
+        return compiled[count](p_state, images, labels, p_order, replicate(np.int32(first_step)), p_weights,
+                               p_rngs)
+
+    progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_secs=60)
+    step = int(state.step)
+    logging.info('Training %d run(s) of %s: %d epochs × %d steps, batch %d on %d device(s).', num_runs,
+                 describe(config), num_epochs, steps_per_epoch, global_batch, num_devices)
+    timer, first_step = time.time(), step
+    for epoch in range(first_epoch, num_epochs):
+        p_order = replicate(np.stack([epoch_order(c.seed, epoch, num_train) for c in configs]))
+        in_epoch, epoch_metrics = 0, []
+        while in_epoch < steps_per_epoch and step < num_steps:
+            count = min(config.steps_per_dispatch, steps_per_epoch - in_epoch, num_steps - step)
+            p_state, metrics = run_steps(p_state, p_order, in_epoch, count)
+            # Fetching blocks, which also paces XLA's CPU collectives (they deadlock if 100+ are queued).
+            metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # (runs, steps)
+            for r in range(num_runs):
+                bad = np.flatnonzero(~np.isfinite(metrics['loss'][r] + metrics['penalty'][r]))
+                if bad.size and diverged[r] is None:
+                    diverged[r] = step + int(bad[0]) + 1
+                    message = (f'Non-finite training loss at step {diverged[r]}: {describe(configs[r])}; '
+                               f'loss={metrics["loss"][r][bad[0]]}, penalty={metrics["penalty"][r][bad[0]]}.')
+                    if on_nonfinite == 'raise':
+                        raise NonFiniteLossError(message)
+                    logging.warning('%s The run is recorded as diverged.', message)
+            epoch_metrics.append(metrics)
+            in_epoch += count
+            step += count
+            progress(step)
+        summary = _epoch_summary(task, epoch_metrics, global_batch)
+        if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == num_epochs:
+            summary.update(_evaluate(p_eval, p_state, eval_arrays, task, prefix='eval_'))
+        for r in range(num_runs):
+            writer.write_scalars(step, {f'{k}/run{r}' if num_runs > 1 else k: v[r] for k, v in summary.items()})
+        rate = (step - first_step) / max(time.time() - timer, 1e-9)
+        logging.info('epoch %d/%d  step %d/%d  %s  %.0f steps/s  ETA %s', epoch + 1, num_epochs, step,
+                     num_steps, '  '.join(f'{k}={_brief(v)}' for k, v in summary.items()), rate,
+                     time.strftime('%H:%M:%S', time.gmtime((num_steps - step) / max(rate, 1e-9))))
+        if config.checkpoint:
+            checkpoints.save(epoch + 1, args=ocp.args.StandardSave({
+                'state': unreplicate(p_state), 'epoch': epoch + 1,
+                'diverged': np.array([d or 0 for d in diverged], np.int64)}))
+    checkpoints.wait_until_finished()
+    final = _evaluate(p_eval, p_state, eval_arrays, task)
+    writer.flush()
+    results = []
+    for r, (run_config, workdir) in enumerate(zip(configs, workdirs)):
+        result = {
+            'scenario': run_config.scenario,
+            'regularizer': regularizer_name(run_config),
+            'weight': regularizer_weight(run_config),
+            'seed': run_config.seed,
+            'phase': 'select' if run_config.dataset.validation else 'final',
+            'eval_split': 'validation' if run_config.dataset.validation else 'test',
+            'error': None if task.reconstruction or diverged[r] else final['error'][r],
+            'loss': None if diverged[r] else final['loss'][r],
+            'penalty_value': None if diverged[r] else final['penalty'][r],
+            'epochs': num_epochs,
+            'steps': step,
+            'wall_time_s': (time.time() - start_time) / num_runs,
+            'runs_in_group': num_runs,
+            'status': 'diverged' if diverged[r] else 'finished',
+            'diverged_at_step': diverged[r],
+            'config': run_config.to_dict(),
+        }
+        if jax.process_index() == 0:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, 'results.json'), 'w') as f:
+                json.dump(result, f, indent=2, default=str)
+        logging.info('Final %s of %s: error=%s loss=%s penalty=%s', result['eval_split'],
+                     describe(run_config), result['error'], result['loss'], result['penalty_value'])
+        results.append(result)
+    return results
+
+
+def _state_axes(state):
+    """vmap axes of a group's TrainState: every leaf is per run except the shared step counter."""
+    axes = jax.tree.map(lambda _: 0, state)
+    return axes.replace(step=None)
+
+
+def _brief(values) -> str:
+    values = np.atleast_1d(values)
+    return ','.join(f'{v:.4g}' for v in values[:4]) + ('…' if len(values) > 4 else '')
+
+
+def _epoch_summary(task: Task, epoch_metrics: list[dict], global_batch: int) -> dict[str, np.ndarray]:
+    metrics = {k: np.concatenate([m[k] for m in epoch_metrics], axis=-1) for k in epoch_metrics[0]}
+    summary = {'train_loss': metrics['loss'].mean(-1), 'train_penalty': metrics['penalty'].mean(-1)}
+    if not task.reconstruction:
+        summary['train_error'] = 100.0 * (1.0 - metrics['correct'].sum(-1) / (metrics['correct'].shape[-1]
+                                                                             * global_batch))
+    return summary
+
+
+def _evaluate(p_eval, p_state, eval_arrays, task: Task, prefix: str = '') -> dict[str, np.ndarray]:
+    """Error (%), mean loss and mean per-batch penalty on the evaluation split, one value per run."""
+    sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), p_eval(p_state, *eval_arrays))
+    count = np.maximum(sums['count'], 1.0)
+    out = {'loss': sums['loss'] / count,
+           'penalty': sums['penalty'] / np.maximum(sums['penalty_batches'], 1.0)}
+    if not task.reconstruction:
+        out['error'] = 100.0 * (1.0 - sums['correct'] / count)
+    return {prefix + k: v for k, v in out.items()}
+
+
+def regularizer_name(config: ml_collections.ConfigDict) -> str:
+    if config.penalty.name != NO_PENALTY and config.penalty.weight > 0:
+        return config.penalty.name
+    if config.weight_penalty.name != NO_PENALTY and config.weight_penalty.weight > 0:
+        return config.weight_penalty.name
+    return 'baseline'
+
+
+def regularizer_weight(config: ml_collections.ConfigDict) -> float:
+    name = regularizer_name(config)
+    if name in penalties.PENALTIES:
+        return float(config.penalty.weight)
+    if name in penalties.WEIGHT_PENALTIES:
+        return float(config.weight_penalty.weight)
+    return 0.0
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    flat = {}
+
+    def visit(prefix, node):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                visit(f'{prefix}{key}.', value)
+            elif isinstance(value, (int, float, str, bool)):
+                flat[prefix + key] = value
+
+    visit('', config.to_dict())
+    return flat
