@@ -130,3 +130,119 @@ def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
     lines += ['| ' + ' | '.join(cell(row.get(c)) for c in columns) + ' |' for row in rows]
     return '\n'.join(lines)
+
+
+# --- Training-step overhead of the penalties. ---------------------------------------------------------------
+
+#: (config file module, scenario arg, layers to penalize): the paper's default layer of each model.
+TRAIN_MODELS = {
+    'mnist_mlp': ('mnist_mlp', '', ('layer5',), (28, 28, 1)),
+    'cifar_cnn': ('cifar10_cnn', '', ('fc',), (32, 32, 3)),
+    'mnist_autoencoder': ('mnist_autoencoder', '', ('layer3',), (28, 28, 1)),
+    'resnet32': ('resnet', 'resnet32', ('logits',), (32, 32, 3)),
+}
+
+
+def _chunk_runner(config, input_shape: tuple[int, ...], steps: int, num_examples: int = 2000, seed: int = 0):
+    """A compiled `steps`-step train chunk on random data (one device, one run) and its arguments."""
+    import functools
+    from cwreg import train
+    task = train.Task.from_config(config, 10)
+    rng = np.random.default_rng(seed)
+    images = rng.random((num_examples,) + input_shape, dtype=np.float32)
+    labels = rng.integers(0, 10, num_examples).astype(np.int32)
+    state = train.initial_state(task, train.create_optimizer(config), images, seed)
+    order = np.concatenate([rng.permutation(num_examples) for _ in range(
+        -(-steps * config.batch_size // num_examples))]).astype(np.int32)
+    weights = {'penalty': np.float32(config.penalty.weight), 'weight_penalty': np.float32(0.0)}
+    step_fn = jax.pmap(functools.partial(train.train_chunk, task, steps, config.batch_size), axis_name='batch',
+                       devices=jax.local_devices()[:1])
+    put = lambda x: jax.device_put(np.asarray(x)[None], jax.local_devices()[0])
+    args = [put(images), put(labels), put(order), put(np.int32(0)), jax.tree.map(put, weights),
+            put(np.asarray(jax.random.PRNGKey(seed)))]
+    state = jax.tree.map(put, state)
+
+    def run():
+        return step_fn(state, *args)[1]['loss']
+
+    return run
+
+
+def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50, repeats: int = 7,
+                    batch_size: Optional[int] = None) -> list[dict]:
+    """Median ms/step of each model with no penalty and with each penalty, and their ratio.
+
+    Baseline and penalty chunks are timed alternately and the ratio is the median of per-repeat ratios,
+    so load from other processes on a shared machine affects both sides alike.
+    """
+    import importlib
+    rows = []
+    for model in models:
+        module, arg, layers, input_shape = TRAIN_MODELS[model]
+        get_config = importlib.import_module(f'configs.{module}').get_config
+        base = get_config(arg)
+        if batch_size:
+            base.batch_size = batch_size
+        runners = {('none', ''): _chunk_runner(base, input_shape, steps)}
+        for name in names:
+            for layer in layers:
+                config = get_config(f'{arg},{name}' if arg else name)
+                config.penalty.layer = layer
+                if batch_size:
+                    config.batch_size = batch_size
+                runners[(name, layer)] = _chunk_runner(config, input_shape, steps)
+        for run in runners.values():
+            jax.block_until_ready(run())  # compile
+        times = {key: [] for key in runners}
+        for _ in range(repeats):
+            for key, run in runners.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(run())
+                times[key].append((time.perf_counter() - t0) / steps)
+        base_times = np.array(times[('none', '')])
+        for (name, layer), values in times.items():
+            values = np.array(values)
+            rows.append({'model': model, 'penalty': name, 'layer': layer or '—',
+                         'ms_per_step': 1e3 * float(np.median(values)),
+                         'overhead_%': 100.0 * (float(np.median(values / base_times)) - 1.0)})
+    return rows
+
+
+# --- Whole runs. --------------------------------------------------------------------------------------------
+
+
+def epoch_rows(config) -> list[dict]:
+    """Wall time of one full run (e.g. 50 MNIST epochs): total, and the training loop alone."""
+    import tempfile
+    from cwreg import train
+    with tempfile.TemporaryDirectory() as workdir:
+        result = train.train_and_evaluate(config, workdir)
+    return [{'scenario': result['scenario'], 'regularizer': result['regularizer'], 'epochs': result['epochs'],
+             'steps': result['steps'], 'train_loop_s': result['train_loop_s'],
+             'total_wall_s': result['wall_time_s'],
+             'ms_per_step': 1e3 * result['train_loop_s'] / result['steps'],
+             f'{result["eval_split"]}_error_%': result['error']}]
+
+
+def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict]:
+    """Runs per hour when λ-search runs are trained as vmapped groups of each size (`epochs` timed)."""
+    import tempfile
+    import ml_collections
+    from cwreg import train
+    full_epochs = config.num_epochs
+    rows = []
+    for size in group_sizes:
+        configs = []
+        for r in range(size):
+            c = ml_collections.ConfigDict(config.to_dict())
+            c.num_epochs, c.checkpoint, c.penalty.weight = epochs, False, 10.0 ** (r - 3)
+            configs.append(c)
+        with tempfile.TemporaryDirectory() as root:
+            results = train.train_group(configs, [f'{root}/run{r}' for r in range(size)], f'{root}/group',
+                                        on_nonfinite='record')
+        loop = results[0]['train_loop_s']
+        per_run_hours = loop / size * (full_epochs / epochs) / 3600
+        rows.append({'group_size': size, 'epochs_timed': epochs, 'loop_s': loop,
+                     'ms_per_step_per_run': 1e3 * loop / size / results[0]['steps'],
+                     f'runs_per_hour_({full_epochs}_epochs)': 1.0 / per_run_hours})
+    return rows

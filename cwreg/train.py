@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging as std_logging
 import math
 import os
 import time
@@ -321,10 +322,10 @@ def _eval_layout(split: data_lib.Split, batch_size: int, num_devices: int):
     return arrange(images), arrange(labels), arrange(mask)
 
 
-def initial_state(task: Task, config: ml_collections.ConfigDict, sample: np.ndarray, seed: int) -> TrainState:
+def initial_state(task: Task, tx: optax.GradientTransformation, sample: np.ndarray, seed: int) -> TrainState:
     variables = task.model.init(jax.random.PRNGKey(seed), jnp.asarray(sample[:1]), train=False)
-    return TrainState.create(apply_fn=task.model.apply, params=variables['params'],
-                             tx=create_optimizer(config), batch_stats=variables.get('batch_stats'))
+    return TrainState.create(apply_fn=task.model.apply, params=variables['params'], tx=tx,
+                             batch_stats=variables.get('batch_stats'))
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
@@ -352,6 +353,19 @@ def _group_key(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
+class _OrbaxInfoFilter(std_logging.Filter):
+    """Orbax logs several INFO lines per checkpoint; keep its warnings, drop the chatter."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
+def _quiet_orbax() -> None:
+    absl_logger = std_logging.getLogger('absl')
+    if not any(isinstance(f, _OrbaxInfoFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxInfoFilter())
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains one run, checkpointing every epoch (resumes from `workdir`), and writes results.json.
 
@@ -361,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], group_dir: str,
-                on_nonfinite: str = 'raise') -> list[dict[str, Any]]:
+                on_nonfinite: str = 'raise', save_variables: bool = False) -> list[dict[str, Any]]:
     """Trains runs that differ only in seed and λ as one vmapped program; writes each run's results.json.
 
     Args:
@@ -370,9 +384,11 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
       group_dir: where the group's checkpoints and metrics go (a resumed group continues from there).
       on_nonfinite: 'raise' stops at the first non-finite loss; 'record' marks that run 'diverged' (its
         results.json says so) and trains the others on.
+      save_variables: also write each run's final variables to `<workdir>/final_variables.msgpack`.
     Returns:
       the results dict of each run.
     """
+    _quiet_orbax()
     for config in configs:
         validate_config(config)
     if len({_group_key(c) for c in configs}) > 1:
@@ -400,7 +416,8 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     num_epochs = math.ceil(num_steps / steps_per_epoch)
 
     stack = lambda trees: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
-    state = stack([initial_state(task, config, dataset.train.images, c.seed) for c in configs])
+    tx = create_optimizer(config)
+    state = stack([initial_state(task, tx, dataset.train.images, c.seed) for c in configs])
     state = state.replace(step=state.step[0])  # one step counter for the whole group
     weights = {'penalty': np.array([c.penalty.weight if task.penalty else 0.0 for c in configs], np.float32),
                'weight_penalty': np.array([c.weight_penalty.weight for c in configs], np.float32)}
@@ -476,9 +493,11 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
                 'state': unreplicate(p_state), 'epoch': epoch + 1,
                 'diverged': np.array([d or 0 for d in diverged], np.int64)}))
     checkpoints.wait_until_finished()
+    train_seconds = time.time() - timer
     final = _evaluate(p_eval, p_state, eval_arrays, task)
     writer.flush()
     results = []
+    final_state = unreplicate(p_state)
     for r, (run_config, workdir) in enumerate(zip(configs, workdirs)):
         result = {
             'scenario': run_config.scenario,
@@ -493,6 +512,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
             'epochs': num_epochs,
             'steps': step,
             'wall_time_s': (time.time() - start_time) / num_runs,
+            'train_loop_s': train_seconds,
             'runs_in_group': num_runs,
             'status': 'diverged' if diverged[r] else 'finished',
             'diverged_at_step': diverged[r],
@@ -500,6 +520,12 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
         }
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
+            if save_variables:
+                variables = {'params': final_state.params, 'batch_stats': final_state.batch_stats}
+                variables = jax.tree.map(lambda x: np.asarray(x[r]), variables)
+                with open(os.path.join(workdir, 'final_variables.msgpack'), 'wb') as f:
+                    f.write(flax.serialization.msgpack_serialize(
+                        {k: v for k, v in variables.items() if v is not None}))
             with open(os.path.join(workdir, 'results.json'), 'w') as f:
                 json.dump(result, f, indent=2, default=str)
         logging.info('Final %s of %s: error=%s loss=%s penalty=%s', result['eval_split'],

@@ -7,6 +7,7 @@ oracle's values, so the three implementations are tied to the penalty definition
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import zlib
@@ -29,6 +30,9 @@ SHAPE_ERRORS = (AssertionError, ValueError, TypeError)
 
 AUTODIFF = {name: jax.jit(jax.grad(getattr(penalties, name))) for name in NAMES}
 ANALYTIC = {name: jax.jit(getattr(analytic, name)) for name in NAMES}
+# Both gradients of all five penalties in one program: one compilation per case.
+_BOTH = jax.jit(lambda x, y: {name: (jax.grad(getattr(penalties, name))(x, y),
+                                     getattr(analytic, name)(x, y)) for name in NAMES})
 
 # (shape, K, label pattern, data kind). The analytic forms build K x I x I covariances, so I stays
 # moderate; (6, 1024) is still wide enough for the Gram path of the penalties.
@@ -43,6 +47,12 @@ CASES = [
     ((1, 5), 3, 'random', 'gauss'),         # one sample
     ((8, 1), 2, 'random', 'offset'),        # one unit
 ]
+
+
+@functools.lru_cache(maxsize=None)
+def _both_gradients(shape, num_classes, pattern, kind):
+  x, y = _data(shape, num_classes, pattern, kind)
+  return _BOTH(jnp.asarray(x), jnp.asarray(y))
 
 
 def _data(shape, num_classes, pattern, kind):
@@ -94,10 +104,8 @@ def test_reference_grads_are_derivatives_of_reference_values(name, shape, num_cl
 @pytest.mark.parametrize('name', NAMES)
 def test_autodiff_equals_analytic_equals_reference(name, shape, num_classes, pattern, kind):
   x, y = _data(shape, num_classes, pattern, kind)
-  xj, yj = jnp.asarray(x), jnp.asarray(y)
   expected = ref.GRADS[name](x, y)
-  auto = AUTODIFF[name](xj, yj)
-  closed = ANALYTIC[name](xj, yj)
+  auto, closed = _both_gradients(shape, num_classes, pattern, kind)[name]
   assert closed.shape == x.shape and closed.dtype == jnp.float32
   assert auto.shape == x.shape and auto.dtype == jnp.float32
   tols = _grad_tols(expected)
@@ -138,9 +146,9 @@ def test_analytic_eager_equals_jit_and_ignores_or_requires_labels(name):
 # Finite differences on the JAX penalties themselves.
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize('name', NAMES)
-@pytest.mark.parametrize('shape,num_classes,pattern', [
-    ((6, 4), 2, 'random'), ((8, 1, 2, 3), 3, 'absent'), ((4, 40), 2, 'singletons')])
-def test_check_grads_f32(name, shape, num_classes, pattern):
+@pytest.mark.parametrize('shape,num_classes,pattern,max_order', [
+    ((6, 4), 2, 'random', 2), ((4, 40), 3, 'singletons', 1)])
+def test_check_grads_f32(name, shape, num_classes, pattern, max_order):
   x, y = _data(shape, num_classes, pattern, 'gauss')
   if name == 'l1r':
     x = x + np.sign(x) * 0.1  # finite differences must not straddle the kink at 0
@@ -148,7 +156,7 @@ def test_check_grads_f32(name, shape, num_classes, pattern):
   f = jax.jit(lambda a: getattr(penalties, name)(a, yj))
   # CR and cw-CR are quartic and VR quadratic in z: order 2 checks the Hessian-vector products too.
   # L1R is piecewise linear (Hessian 0 a.e.), so order 1.
-  order = 1 if name == 'l1r' else 2
+  order = 1 if name == 'l1r' else max_order
   check_grads(f, (jnp.asarray(x),), order=order, modes=['rev'], eps=1e-3, atol=2e-3, rtol=2e-3)
 
 

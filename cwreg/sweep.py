@@ -1,0 +1,206 @@
+"""The paper's experimental protocol for one scenario (suppl. A.1), resumable and vmapped.
+
+For each regularizer (baseline, L1W, L2W, CR, cw-CR, VR, cw-VR, L1R):
+
+1. *select*: train with each λ ∈ {0.001, 0.01, 0.1, 1, 10, 100} on the training split minus its last 10,000
+   examples and evaluate on those 10,000 (the validation split);
+2. pick the λ with the lowest validation error (MSE for the autoencoder; ties go to the smaller λ — the
+   rule of :func:`cwreg.report.select_weight`, which the report uses to display it);
+3. *final*: train 5 seeds with that λ on the full training split and evaluate on the test split.
+
+Layout: ``<sweep_dir>/<regularizer>/select_w<λ>/`` and ``<sweep_dir>/<regularizer>/final_s<seed>/``, each with
+its own ``results.json`` (and, for final runs, ``stats.json``: the Table 5 statistics of the regularized layer
+on the test set). Runs of one phase of one regularizer differ only in λ or seed, so they are trained together
+as one vmapped program (:func:`cwreg.train.train_group`), checkpointed every epoch in a group directory: a
+killed sweep, re-run with the same arguments, skips finished runs and resumes unfinished groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cwreg import data as data_lib
+from cwreg import report
+from cwreg import stats as stats_lib
+from cwreg import train
+
+REGULARIZERS = ('baseline', 'l1w', 'l2w', 'cr', 'cw_cr', 'vr', 'cw_vr', 'l1r')
+WEIGHT_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+REPRESENTATION = ('cr', 'cw_cr', 'vr', 'cw_vr', 'l1r')
+DONE = ('finished', 'diverged')
+VARIABLES_FILE = 'final_variables.msgpack'
+
+
+def run_config(base: ml_collections.ConfigDict, regularizer: str, weight: float, seed: int,
+               validation: bool) -> ml_collections.ConfigDict:
+    """`base` (a scenario's baseline config) with one regularizer at weight λ, a seed and a data split."""
+    config = ml_collections.ConfigDict(base.to_dict())
+    config.penalty.name, config.penalty.weight = 'none', 0.0
+    config.weight_penalty.name, config.weight_penalty.weight = 'none', 0.0
+    if regularizer in REPRESENTATION:
+        config.penalty.name, config.penalty.weight = regularizer, float(weight)
+    elif regularizer in ('l1w', 'l2w'):
+        config.weight_penalty.name, config.weight_penalty.weight = regularizer, float(weight)
+    elif regularizer != 'baseline':
+        raise ValueError(f'Unknown regularizer {regularizer!r}; valid: {list(REGULARIZERS)}.')
+    config.seed = seed
+    config.dataset.validation = validation
+    config.lock()
+    return config
+
+
+def run_dir(sweep_dir: str, regularizer: str, phase: str, weight: float = 0.0, seed: int = 0) -> str:
+    name = f'select_w{weight:g}' if phase == 'select' else f'final_s{seed}'
+    return os.path.join(sweep_dir, regularizer, name)
+
+
+def status(workdir: str) -> Optional[str]:
+    """The `status` of a run's results.json, or None if it has none (not started or interrupted)."""
+    path = os.path.join(workdir, 'results.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get('status')
+
+
+@dataclasses.dataclass
+class Progress:
+    """Logs 'runs done / total' with an ETA from the wall time of the runs trained in this process."""
+    total: int
+    done: int = 0
+    trained: int = 0
+    seconds: float = 0.0
+
+    def update(self, finished: int, trained: int = 0, seconds: float = 0.0) -> None:
+        if not finished and self.done:
+            return
+        self.done += finished
+        self.trained += trained
+        self.seconds += seconds
+        left = self.total - self.done
+        eta = (self.seconds / self.trained * left) if self.trained else float('nan')
+        eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if np.isfinite(eta) else '?'
+        logging.info('Sweep progress: %d/%d runs done, ETA %s.', self.done, self.total, eta_text)
+        print(f'[sweep] {self.done}/{self.total} runs done, ETA {eta_text}', flush=True)
+
+
+def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], group_root: str,
+           progress: Progress, max_group: int) -> None:
+    """Trains the runs not done yet, `max_group` at a time as vmapped groups."""
+    todo = [(c, w) for c, w in zip(configs, workdirs) if status(w) not in DONE]
+    progress.update(len(configs) - len(todo))
+    for start in range(0, len(todo), max_group):
+        group = todo[start:start + max_group]
+        # The group directory is named after its runs, so a resumed sweep finds its own checkpoints.
+        key = hashlib.sha1('|'.join(w for _, w in group).encode()).hexdigest()[:10]
+        t0 = time.time()
+        group_dir = os.path.join(group_root, f'group_{key}')
+        train.train_group([c for c, _ in group], [w for _, w in group], group_dir, on_nonfinite='record',
+                          save_variables=True)
+        # Every run of the group has its results and final variables now: its checkpoints are dead weight.
+        shutil.rmtree(os.path.join(group_dir, 'checkpoints'), ignore_errors=True)
+        progress.update(len(group), trained=len(group), seconds=time.time() - t0)
+
+
+def chosen_weight(sweep_dir: str, regularizer: str) -> Optional[float]:
+    runs = report.load_runs([os.path.join(sweep_dir, regularizer)]).runs
+    weight, _ = report.select_weight(runs)
+    return weight
+
+
+def run_sweep(base: ml_collections.ConfigDict, sweep_dir: str,
+              regularizers: Sequence[str] = REGULARIZERS, grid: Sequence[float] = WEIGHT_GRID,
+              seeds: Sequence[int] = tuple(range(5)), max_group: int = 6,
+              statistics: bool = True) -> dict[str, Optional[float]]:
+    """Runs (or resumes) the protocol above for `base`'s scenario; returns the chosen λ per regularizer."""
+    for name in regularizers:
+        if name not in REGULARIZERS:
+            raise ValueError(f'Unknown regularizer {name!r}; valid: {list(REGULARIZERS)}.')
+    train.validate_config(base)
+    sweep_dir = os.path.abspath(sweep_dir)
+    weights_of = {r: (0.0,) if r == 'baseline' else tuple(grid) for r in regularizers}
+    progress = Progress(total=sum(len(w) + len(seeds) for w in weights_of.values()))
+    chosen = {}
+    for regularizer in regularizers:
+        root = os.path.join(sweep_dir, regularizer)
+        select = [run_config(base, regularizer, w, seed=0, validation=True) for w in weights_of[regularizer]]
+        _train(select, [run_dir(sweep_dir, regularizer, 'select', weight=w) for w in weights_of[regularizer]],
+               root, progress, max_group)
+        chosen[regularizer] = chosen_weight(sweep_dir, regularizer)
+        if chosen[regularizer] is None:
+            logging.warning('%s: every λ diverged; no final runs.', regularizer)
+            progress.update(len(seeds))
+            continue
+        logging.info('%s: chose λ=%g on the validation split.', regularizer, chosen[regularizer])
+        final_dirs = [run_dir(sweep_dir, regularizer, 'final', seed=s) for s in seeds]
+        _train([run_config(base, regularizer, chosen[regularizer], s, validation=False) for s in seeds],
+               final_dirs, root, progress, max_group)
+        if statistics:
+            for workdir in final_dirs:
+                write_statistics(workdir)
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Representation statistics of finished runs (Table 5) and activations for the figures.
+
+
+def load_variables(workdir: str) -> dict[str, Any]:
+    with open(os.path.join(workdir, VARIABLES_FILE), 'rb') as f:
+        return flax.serialization.msgpack_restore(f.read())
+
+
+def representations(config: ml_collections.ConfigDict, variables: Optional[dict[str, Any]],
+                    images: np.ndarray, layers: Sequence[str], num_classes: int,
+                    batch_size: int = 1000) -> dict[str, np.ndarray]:
+    """Sown representations (e.g. 'layer5', 'layer5_preact') of `images`, flattened to (N, I).
+
+    `variables=None` uses the model at initialization (seed `config.seed`).
+    """
+    model = train.model_from_config(config, num_classes)
+    if variables is None:
+        variables = model.init(jax.random.PRNGKey(config.seed), jnp.asarray(images[:1]), train=False)
+
+    @jax.jit
+    def forward(x):
+        _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+        return {name: state['intermediates'][name][0].reshape(x.shape[0], -1) for name in layers}
+
+    chunks = [forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return {name: np.concatenate([np.asarray(c[name], np.float32) for c in chunks]) for name in layers}
+
+
+def write_statistics(workdir: str, dataset: Optional[data_lib.Dataset] = None) -> Optional[dict]:
+    """Writes `stats.json` (Table 5 statistics of the regularized layer on the evaluation split)."""
+    if status(workdir) != 'finished' or not os.path.exists(os.path.join(workdir, VARIABLES_FILE)):
+        return None
+    with open(os.path.join(workdir, 'results.json')) as f:
+        config = ml_collections.ConfigDict(json.load(f)['config'])
+    if dataset is None:
+        dataset = _load(config)
+    layer = config.penalty.layer
+    reps = representations(config, load_variables(workdir), dataset.eval.images, [layer], dataset.num_classes)
+    values = stats_lib.representation_statistics(reps[layer], dataset.eval.labels)
+    with open(os.path.join(workdir, 'stats.json'), 'w') as f:
+        json.dump({**values, 'layer': layer, 'split': 'validation' if config.dataset.validation else 'test'},
+                  f, indent=2)
+    return values
+
+
+def _load(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+    return data_lib.load_dataset(
+        config.dataset.name, data_dir=config.dataset.data_dir or None, validation=config.dataset.validation,
+        train_size=config.dataset.train_size or None, num_classes=config.dataset.num_classes or None)

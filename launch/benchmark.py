@@ -1,0 +1,49 @@
+r"""Benchmarks: penalty value+grad vs the masked per-class formulation, and train-step overhead.
+
+  python launch/benchmark.py --suite=penalties
+  python launch/benchmark.py --suite=train --models=mnist_mlp,cifar_cnn
+  python launch/benchmark.py --suite=epochs --config.dataset.data_dir=data/tfds   (50 MNIST epochs)
+  python launch/benchmark.py --suite=sweep --config.dataset.data_dir=data/tfds    (runs per hour)
+
+Prints markdown tables of medians and ratios measured in one process.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum('suite', 'penalties', ['penalties', 'train', 'epochs', 'sweep'], 'What to time.')
+flags.DEFINE_list('penalties', 'cr,cw_cr,vr,cw_vr,l1r', 'Penalties to time.')
+flags.DEFINE_list('models', 'mnist_mlp,cifar_cnn', 'Models for --suite=train.')
+flags.DEFINE_integer('repeats', 7, 'Timed repetitions (medians are reported).')
+flags.DEFINE_integer('steps', 50, 'Steps per timed chunk (--suite=train).')
+flags.DEFINE_list('group_sizes', '1,6', 'Runs per vmapped group (--suite=sweep).')
+config_flags.DEFINE_config_file('config', 'configs/mnist_mlp.py:cw_vr', 'Run config (epochs, sweep).',
+                                lock_config=True)
+
+
+def main(argv):
+    del argv
+    from cwreg import bench
+    if FLAGS.suite == 'penalties':
+        rows = bench.penalty_rows(names=FLAGS.penalties, repeats=FLAGS.repeats)
+        print(bench.format_table(rows, ['penalty', 'N', 'I', 'K', 'ours_ms', 'masked_ms', 'ratio', 'rel_diff']))
+    elif FLAGS.suite == 'train':
+        rows = bench.train_step_rows(FLAGS.models, FLAGS.penalties, steps=FLAGS.steps, repeats=FLAGS.repeats)
+        print(bench.format_table(rows, ['model', 'penalty', 'layer', 'ms_per_step', 'overhead_%']))
+    elif FLAGS.suite == 'epochs':
+        rows = bench.epoch_rows(FLAGS.config)
+        print(bench.format_table(rows, list(rows[0])))
+    else:
+        rows = bench.sweep_rows(FLAGS.config, [int(g) for g in FLAGS.group_sizes])
+        print(bench.format_table(rows, list(rows[0])))
+
+
+if __name__ == '__main__':
+    app.run(main)
