@@ -4,8 +4,12 @@ import os
 
 import pytest
 
-MNIST_SOURCE_DIR = '/work/shared/data/mnist'
-CIFAR10_PARTIAL_SOURCE_DIR = '/work/shared/data/cifar10-partial/cifar-10-batches-py'
+# The original files sit in shared/data beside the checkout (as in CI); CWREG_SHARED_DATA overrides.
+SHARED_DATA = os.environ.get(
+    'CWREG_SHARED_DATA',
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, 'shared', 'data'))
+MNIST_SOURCE_DIR = os.path.join(SHARED_DATA, 'mnist')
+CIFAR10_PARTIAL_SOURCE_DIR = os.path.join(SHARED_DATA, 'cifar10-partial', 'cifar-10-batches-py')
 
 
 @pytest.fixture(scope='session')
@@ -17,6 +21,8 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
   """
   for source in (MNIST_SOURCE_DIR, CIFAR10_PARTIAL_SOURCE_DIR):
     if not os.path.isdir(source):
+      if os.environ.get('CI'):  # CI has shared/ beside the checkout: a missing copy is a failure there.
+        pytest.fail(f'real data not found: {source}')
       pytest.skip(f'real data not available: {source}')
   from cwreg import prepare  # pylint: disable=g-import-not-at-top
 

@@ -22,8 +22,8 @@ from cwreg import prepare
 
 tf.config.experimental.set_visible_devices([], 'GPU')
 
-MNIST_DIR = '/work/shared/data/mnist'
-CIFAR_DIR = '/work/shared/data/cifar10-partial/cifar-10-batches-py'
+from conftest import CIFAR10_PARTIAL_SOURCE_DIR as CIFAR_DIR  # pylint: disable=g-bad-import-order
+from conftest import MNIST_SOURCE_DIR as MNIST_DIR
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

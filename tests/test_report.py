@@ -11,6 +11,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
+
 from cwreg import report
 from cwreg import stats as stats_lib
 
@@ -313,7 +315,7 @@ def test_paper_table4_and_table10(paper):
 def test_paper_values_match_extracted_text(paper):
   # Where the paper's text extraction is available, every column must be found verbatim in it, with the
   # bold value repeated three times as the extraction does.
-  path = '/work/shared/paper/choi-rhee-2019-class-wise-regularizers.txt'
+  path = os.path.join(SHARED_DATA, os.pardir, 'paper', 'choi-rhee-2019-class-wise-regularizers.txt')
   if not os.path.exists(path):
     pytest.skip('paper text not available')
   lines = [l.strip() for l in open(path, encoding='utf-8').read().splitlines()]

@@ -1,0 +1,44 @@
+r"""Figures 1–3 of the paper from a finished sweep; `--layers` also trains the Figure 3 runs first.
+
+  python launch/figures.py --config=configs/mnist_mlp.py:default \
+      --sweep_dir=workdirs/mnist_mlp_default --layer_dir=workdirs/mnist_mlp_layers \
+      --layers=layer1,layer2,layer3,layer4,layer5,layer6 --out=docs/results
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/mnist_mlp.py:default', 'Scenario config.',
+                                lock_config=True)
+flags.DEFINE_string('sweep_dir', None, 'A finished sweep of the scenario (λ choices, final runs).')
+flags.DEFINE_string('layer_dir', None, 'Where the layer-dependency runs go (Figure 3); empty: skip.')
+flags.DEFINE_list('layers', [], 'Layers for Figure 3.')
+flags.DEFINE_list('regularizers', 'cr,cw_cr,vr,cw_vr,l1r', 'Regularizers for Figure 3.')
+flags.DEFINE_integer('seeds', 1, 'Seeds per (regularizer, layer) for Figure 3.')
+flags.DEFINE_string('out', 'docs/results', 'Output directory for the PNGs.')
+flags.mark_flags_as_required(['sweep_dir'])
+
+
+def main(argv):
+    del argv
+    from cwreg import figures
+    for path in figures.representation_figures(FLAGS.sweep_dir, FLAGS.out):
+        print('wrote', path)
+    if FLAGS.layer_dir and FLAGS.layers:
+        figures.run_layer_dependency(FLAGS.config, FLAGS.layer_dir, FLAGS.sweep_dir, FLAGS.regularizers,
+                                     FLAGS.layers, seeds=range(FLAGS.seeds))
+        path = os.path.join(FLAGS.out, 'figure3.png')
+        results = figures.layer_dependency_figure(FLAGS.layer_dir, FLAGS.sweep_dir, path, FLAGS.layers,
+                                                  title=f'Figure 3: {FLAGS.config.scenario}')
+        print('wrote', path, results)
+
+
+if __name__ == '__main__':
+    app.run(main)
