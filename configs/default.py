@@ -27,6 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.train_size = 0  # >0: keep the first n training examples (paper's 1k/5k scenarios)
     config.dataset.num_classes = 0  # >0: keep classes 0..k-1 (paper's CIFAR-100 16/64-class scenarios)
     config.dataset.augment = False  # pad-4 random crop + horizontal flip, on device (ResNet)
+    config.dataset.download = True  # online: let tfds download a missing dataset; offline: launch/prepare_data.py
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'mlp'  # mlp, cnn, resnet, autoencoder

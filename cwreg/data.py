@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import socket
 from collections.abc import Sequence
 
 import jax
@@ -298,6 +299,15 @@ def _to_split(images: np.ndarray, labels: np.ndarray) -> Split:
   return Split(images=floats, labels=labels.astype(np.int32))
 
 
+def _online(host: str = 'storage.googleapis.com') -> bool:
+  """Whether the download host resolves: offline, TFDS would spend minutes retrying before failing."""
+  try:
+    socket.getaddrinfo(host, 443)
+    return True
+  except OSError:
+    return False
+
+
 def load_dataset(
     name: str,
     *,
@@ -316,8 +326,9 @@ def load_dataset(
       hyper-parameter selection); else `eval` is the test split and `train` all training data.
     train_size: keep the first `train_size` training examples (after the class restriction).
     num_classes: keep only the classes 0..num_classes-1, in both splits.
-    download: if the dataset is not prepared, let TFDS download and prepare it (needs internet).
-      Otherwise a missing dataset raises `DatasetNotPreparedError` saying how to prepare it.
+    download: if the dataset is not prepared and the download host resolves, let TFDS download and
+      prepare it. Otherwise a missing dataset raises `DatasetNotPreparedError` saying how to prepare it
+      from local files with `launch/prepare_data.py`.
 
   Returns:
     The `Dataset`: float32 NHWC images in [0, 1], int32 labels, in original example order.
@@ -329,8 +340,14 @@ def load_dataset(
   _tf_without_gpus()
 
   builder = tfds.builder(name, data_dir=data_dir)
-  if download and not builder.is_prepared():
-    builder.download_and_prepare()
+  if download and not builder.is_prepared() and _online():
+    try:
+      builder.download_and_prepare()
+    except Exception as e:  # pylint: disable=broad-except  (offline: DNS, connection, checksum errors)
+      raise DatasetNotPreparedError(
+          f'Downloading {name} failed ({type(e).__name__}: {e}). '
+          + preparation_instructions(name, data_dir if data_dir is not None else builder.data_dir_root)
+      ) from e
   total_classes = builder.info.features['label'].num_classes
   if num_classes is not None and not 2 <= num_classes <= total_classes:
     raise ValueError(f'num_classes must be in [2, {total_classes}] for {name}, got {num_classes}.')

@@ -21,6 +21,7 @@ import numpy as np
 from cwreg import plots
 from cwreg import report
 from cwreg import sweep
+from cwreg import train
 
 DISPLAY = {'baseline': 'Baseline', 'l1w': 'L1W', 'l2w': 'L2W', 'cr': 'CR', 'cw_cr': 'cw-CR', 'vr': 'VR',
            'cw_vr': 'cw-VR', 'l1r': 'L1R'}
@@ -37,7 +38,7 @@ def representation_figures(sweep_dir: str, out_dir: str,
     """Writes Figure 1 (baseline at init, baseline, cw-CR) and Figure 2 (all) as PNGs; returns their paths."""
     baseline_dir = sweep.run_dir(sweep_dir, 'baseline', 'final', seed=seed)
     config = _config_of(baseline_dir)
-    dataset = sweep._load(config)  # pylint: disable=protected-access
+    dataset = train.load_data(config)
     layer = config.penalty.layer
     layers = [layer, f'{layer}_preact']
 

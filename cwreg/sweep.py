@@ -190,7 +190,7 @@ def write_statistics(workdir: str, dataset: Optional[data_lib.Dataset] = None) -
     with open(os.path.join(workdir, 'results.json')) as f:
         config = ml_collections.ConfigDict(json.load(f)['config'])
     if dataset is None:
-        dataset = _load(config)
+        dataset = train.load_data(config)
     layer = config.penalty.layer
     reps = representations(config, load_variables(workdir), dataset.eval.images, [layer], dataset.num_classes)
     values = stats_lib.representation_statistics(reps[layer], dataset.eval.labels)
@@ -199,8 +199,3 @@ def write_statistics(workdir: str, dataset: Optional[data_lib.Dataset] = None) -
                   f, indent=2)
     return values
 
-
-def _load(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-    return data_lib.load_dataset(
-        config.dataset.name, data_dir=config.dataset.data_dir or None, validation=config.dataset.validation,
-        train_size=config.dataset.train_size or None, num_classes=config.dataset.num_classes or None)

@@ -288,6 +288,19 @@ def eval_chunk(task: Task, state: TrainState, images, labels, mask, axis_name=AX
 # vmapped program (one run is a group of one), which is what makes a λ search cheap on an accelerator.
 
 
+def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+    """The dataset a config asks for (cached: a sweep's groups share it)."""
+    d = config.dataset
+    return _load_data(d.name, d.data_dir or None, bool(d.validation), d.train_size or None,
+                      d.num_classes or None, bool(d.get('download', False)))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_data(name, data_dir, validation, train_size, num_classes, download) -> data_lib.Dataset:
+    return data_lib.load_dataset(name, data_dir=data_dir, validation=validation, train_size=train_size,
+                                 num_classes=num_classes, download=download)
+
+
 def shard(tree):
     """Puts arrays with a leading axis of size local_device_count() one slice per device, as pmap expects."""
     devices = jax.local_devices()
@@ -401,9 +414,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     writer = metric_writers.create_default_writer(group_dir, just_logging=jax.process_index() > 0)
     writer.write_hparams(_flat_hparams(config))
 
-    dataset = data_lib.load_dataset(
-        config.dataset.name, data_dir=config.dataset.data_dir or None, validation=config.dataset.validation,
-        train_size=config.dataset.train_size or None, num_classes=config.dataset.num_classes or None)
+    dataset = load_data(config)
     task = Task.from_config(config, dataset.num_classes)
     num_devices = jax.local_device_count()
     global_batch = config.batch_size
