@@ -53,7 +53,7 @@ def _covariance_gradient(activations: chex.Array, y: Array, axis_name: AxisName)
   if num_units < 2:
     return jnp.zeros_like(activations)
   centred, counts, covariances = _statistics(z, y, axis_name)
-  off_diagonal = covariances * (1.0 - jnp.eye(num_units, dtype=jnp.float32))
+  off_diagonal = covariances * (1.0 - jnp.eye(num_units, dtype=z.dtype))
   # Σ_{j≠i} c^k_ij (z_jn − μ^k_j) for the class k of sample n, scaled by 1/|S_k|.
   scale = 4.0 / (num_classes * num_units * (num_units - 1.0) * jnp.maximum(counts, 1.0))
   grad = jnp.einsum('nk,kij,nj->ni', y * scale, off_diagonal, centred, precision=_PRECISION)

@@ -2,7 +2,7 @@
 
 All representation penalties share one signature::
 
-    penalty(activations, one_hot_labels=None, *, axis_name=None) -> float32 scalar
+    penalty(activations, one_hot_labels=None, *, axis_name=None) -> scalar (float32, or float64 for f64 input)
 
 ``activations`` has shape ``(N, ...)`` and is flattened to ``(N, I)`` with ``I`` the product of the
 non-batch dimensions (every H·W·C position of a conv feature map is a unit, as in the paper).
@@ -22,7 +22,7 @@ printed 2/(I(I−1)) prefactor disagrees with Table 1's own gradient by a factor
 
 The all-class penalties are the class-wise ones with a single class (K = 1), so each formula lives in one
 place. A class absent from the batch, or with a single sample, contributes exactly 0 (the authors' code
-returns NaN for an absent class). Activations of any float dtype (bf16 included) are accumulated in f32.
+returns NaN for an absent class). Activations of any float dtype are accumulated in at least f32 (bf16 in f32, f64 in f64).
 
 Wide layers: Σ_k ‖C_k‖²_F is computed either from K per-class I×I covariances (cost K·N·I²) or, exactly,
 from the N×N Gram matrix of class-centred activations restricted to same-class pairs (cost N²·I), since
@@ -78,14 +78,16 @@ def _axis_size(axis_name: AxisName) -> int:
 
 
 def _as_units(activations: chex.Array) -> Array:
-  """(N, ...) -> (N, I) in float32."""
+  """(N, ...) -> (N, I) in float32 or wider."""
   activations = jnp.asarray(activations)
   if activations.ndim < 2:
     raise ValueError(
         f'activations must have shape (N, ...) with at least one unit dimension, got shape '
         f'{activations.shape}.')
   chex.assert_type(activations, float)
-  return activations.reshape(activations.shape[0], -1).astype(jnp.float32)
+  # bf16/f16 accumulate in f32; f64 (with jax_enable_x64) stays f64.
+  dtype = jnp.promote_types(activations.dtype, jnp.float32)
+  return activations.reshape(activations.shape[0], -1).astype(dtype)
 
 
 def _as_labels(one_hot_labels: Optional[chex.Array], z: Array, name: str) -> Array:
@@ -94,11 +96,11 @@ def _as_labels(one_hot_labels: Optional[chex.Array], z: Array, name: str) -> Arr
   one_hot_labels = jnp.asarray(one_hot_labels)
   chex.assert_rank(one_hot_labels, 2)
   chex.assert_equal_shape_prefix((z, one_hot_labels), prefix_len=1)
-  return one_hot_labels.astype(jnp.float32)
+  return one_hot_labels.astype(z.dtype)
 
 
 def _single_class(z: Array) -> Array:
-  return jnp.ones((z.shape[0], 1), jnp.float32)
+  return jnp.ones((z.shape[0], 1), z.dtype)
 
 
 def _class_centred(z: Array, y: Array, axis_name: AxisName) -> tuple[Array, Array]:
@@ -162,7 +164,7 @@ def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
   """Σ_k Σ_{i≠j} (c^k_ij)² / (K I(I−1)): the cw-CR form; CR is the K = 1 case."""
   num_classes, num_units = y.shape[1], z.shape[1]
   if num_units < 2:  # No pair of distinct units.
-    return jnp.zeros((), jnp.float32)
+    return jnp.zeros((), z.dtype)
   centred, counts = _class_centred(z, y, axis_name)
   inv_counts = 1.0 / jnp.maximum(counts, 1.0)
   num_samples = z.shape[0] * _axis_size(axis_name)
@@ -187,7 +189,7 @@ def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
     else:
       scatter = jnp.einsum('nk,ni,nj->kij', y, centred, centred, precision=_PRECISION)
     covariances = _psum(scatter, axis_name) * inv_counts[:, None, None]
-    off_diagonal_mask = 1.0 - jnp.eye(num_units, dtype=jnp.float32)
+    off_diagonal_mask = 1.0 - jnp.eye(num_units, dtype=z.dtype)
     off_diagonal = jnp.sum(jnp.square(covariances) * off_diagonal_mask)
   return off_diagonal / (float(num_classes) * float(num_units) * float(num_units - 1))
 
@@ -210,7 +212,7 @@ def cr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
     axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
 
   Returns:
-    float32 scalar. 0 when I = 1.
+    Scalar, float32 (float64 for float64 activations). 0 when I = 1.
 
   References:
     Choi & Rhee, AAAI 2019, Table 1 (normalization of the released code, see module docstring).
@@ -234,7 +236,7 @@ def cw_cr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, 
     axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
 
   Returns:
-    float32 scalar. Absent and single-sample classes contribute 0.
+    Scalar, float32 (float64 for float64 activations). Absent and single-sample classes contribute 0.
 
   References:
     Choi & Rhee, AAAI 2019, eq. (7) and Table 1.
@@ -257,7 +259,7 @@ def vr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
     axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
 
   Returns:
-    float32 scalar.
+    Scalar, float32 (float64 for float64 activations).
 
   References:
     Choi & Rhee, AAAI 2019, Table 1.
@@ -281,7 +283,7 @@ def cw_vr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, 
     axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
 
   Returns:
-    float32 scalar. Absent and single-sample classes contribute 0.
+    Scalar, float32 (float64 for float64 activations). Absent and single-sample classes contribute 0.
 
   References:
     Choi & Rhee, AAAI 2019, Table 1.
@@ -303,7 +305,7 @@ def l1r(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
     axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
 
   Returns:
-    float32 scalar.
+    Scalar, float32 (float64 for float64 activations).
 
   References:
     Choi & Rhee, AAAI 2019, Discussion and Conclusion.
@@ -311,7 +313,10 @@ def l1r(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
   del one_hot_labels
   z = _as_units(activations)
   num_samples = z.shape[0] * _axis_size(axis_name)
-  value = _psum(jnp.sum(jnp.abs(z)), axis_name) / (float(num_samples) * float(z.shape[1]))
+  # |z| as z·sign(z) with the sign held constant: the same value, and the gradient sign(z) of Table 1,
+  # whose subgradient at 0 is 0 (jax.grad(jnp.abs)(0.) is 1).
+  magnitude = jnp.sum(z * lax.stop_gradient(jnp.sign(z)))
+  value = _psum(magnitude, axis_name) / (float(num_samples) * float(z.shape[1]))
   return _replicated(value, activations, axis_name)
 
 
