@@ -7,7 +7,7 @@ Command:
 
   python launch/train.py --config=configs/cifar100_cnn.py:cw_vr,classes16 --workdir=/tmp/c100_cw_vr
 
-Scenarios (Table 9 columns): default (100 classes), size1k, size5k, width32, width512, classes16,
+Scenarios (Table 9 columns): default (100 classes), size1k, size5k, width32, width512, classes4, classes16,
 classes64 (the first k classes, relabelled 0..k-1).
 
 Expected: ≈ 3 h on a 2-core CPU, ≈ 5 min on one GPU. Test error (paper, default): baseline 61.26 ± 0.52,
@@ -19,7 +19,7 @@ import ml_collections
 from configs import cifar10_cnn
 from configs import default
 
-SCENARIOS = ('default', 'size1k', 'size5k', 'width32', 'width512', 'classes16', 'classes64')
+SCENARIOS = ('default', 'size1k', 'size5k', 'width32', 'width512', 'classes4', 'classes16', 'classes64')
 WEIGHTS = cifar10_cnn.WEIGHTS
 
 

@@ -20,8 +20,7 @@ import ml_collections
 from configs import default
 
 SCENARIOS = ('default', 'size1k', 'size5k', 'width32', 'width512', 'momentum', 'rmsprop')
-WEIGHTS = {'baseline': 0.0, 'l1w': 0.001, 'l2w': 0.001, 'cr': 0.1, 'cw_cr': 0.1, 'vr': 0.1, 'cw_vr': 0.1,
-           'l1r': 0.1}
+WEIGHTS = default.WEIGHTS
 
 
 def configure(config: ml_collections.ConfigDict, scenario: str) -> None:

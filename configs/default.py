@@ -7,12 +7,13 @@ on the command line: ``--config.penalty.weight=0.1 --config.penalty.layer=layer3
 
 import ml_collections
 
-#: The paper's regularizers: representation penalties (cwreg.penalties) and weight penalties.
-REPRESENTATION = ('cr', 'cw_cr', 'vr', 'cw_vr', 'l1r')
-WEIGHT = ('l1w', 'l2w')
-REGULARIZERS = ('baseline', *WEIGHT, *REPRESENTATION)
+from cwreg.train import REGULARIZERS
+from cwreg.train import set_regularizer  # pylint: disable=unused-import  (used by the family configs)
 #: The paper's λ grid (suppl. A.1).
 WEIGHT_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+#: λ of a single run where no λ search has been run for the scenario (the sweep searches WEIGHT_GRID).
+WEIGHTS = {'baseline': 0.0, 'l1w': 0.001, 'l2w': 0.001, 'cr': 0.1, 'cw_cr': 0.1, 'vr': 0.1, 'cw_vr': 0.1,
+           'l1r': 0.1}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -77,12 +78,3 @@ def parse_arg(arg: str, scenarios: tuple[str, ...]) -> tuple[str, str]:
                              f'scenarios: {list(scenarios)}.')
     return regularizer, scenario
 
-
-def set_regularizer(config: ml_collections.ConfigDict, regularizer: str, weight: float) -> None:
-    """Turns on one of the paper's regularizers with weight λ (baseline: none)."""
-    if regularizer in REPRESENTATION:
-        config.penalty.name, config.penalty.weight = regularizer, weight
-    elif regularizer in WEIGHT:
-        config.weight_penalty.name, config.weight_penalty.weight = regularizer, weight
-    elif regularizer != 'baseline':
-        raise ValueError(f'Unknown regularizer {regularizer!r}; valid: {list(REGULARIZERS)}.')

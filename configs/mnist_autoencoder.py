@@ -16,8 +16,7 @@ import ml_collections
 from configs import default
 
 SCENARIOS = ('default',)
-WEIGHTS = {'baseline': 0.0, 'l1w': 0.001, 'l2w': 0.001, 'cr': 0.1, 'cw_cr': 0.1, 'vr': 0.1, 'cw_vr': 0.1,
-           'l1r': 0.1}
+WEIGHTS = default.WEIGHTS
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:

@@ -40,6 +40,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+# TensorFlow only reads data here; its C++ start-up INFO lines are noise for our users.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 import tensorflow_datasets as tfds
 
 from cwreg import cifar10_partial as _cifar10_partial  # noqa: F401  (registers the builder)

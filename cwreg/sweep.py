@@ -37,9 +37,8 @@ from cwreg import report
 from cwreg import stats as stats_lib
 from cwreg import train
 
-REGULARIZERS = ('baseline', 'l1w', 'l2w', 'cr', 'cw_cr', 'vr', 'cw_vr', 'l1r')
+REGULARIZERS = train.REGULARIZERS
 WEIGHT_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-REPRESENTATION = ('cr', 'cw_cr', 'vr', 'cw_vr', 'l1r')
 DONE = ('finished', 'diverged')
 VARIABLES_FILE = 'final_variables.msgpack'
 
@@ -48,14 +47,7 @@ def run_config(base: ml_collections.ConfigDict, regularizer: str, weight: float,
                validation: bool) -> ml_collections.ConfigDict:
     """`base` (a scenario's baseline config) with one regularizer at weight λ, a seed and a data split."""
     config = ml_collections.ConfigDict(base.to_dict())
-    config.penalty.name, config.penalty.weight = 'none', 0.0
-    config.weight_penalty.name, config.weight_penalty.weight = 'none', 0.0
-    if regularizer in REPRESENTATION:
-        config.penalty.name, config.penalty.weight = regularizer, float(weight)
-    elif regularizer in ('l1w', 'l2w'):
-        config.weight_penalty.name, config.weight_penalty.weight = regularizer, float(weight)
-    elif regularizer != 'baseline':
-        raise ValueError(f'Unknown regularizer {regularizer!r}; valid: {list(REGULARIZERS)}.')
+    train.set_regularizer(config, regularizer, weight)
     config.seed = seed
     config.dataset.validation = validation
     config.lock()

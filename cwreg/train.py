@@ -576,6 +576,21 @@ def _evaluate(p_eval, p_state, eval_arrays, task: Task, prefix: str = '') -> dic
     return {prefix + k: v for k, v in out.items()}
 
 
+#: The paper's regularizers (plus L1R): representation penalties and weight penalties, and 'baseline'.
+REGULARIZERS = ('baseline', *penalties.WEIGHT_PENALTIES, *penalties.PENALTIES)
+
+
+def set_regularizer(config: ml_collections.ConfigDict, regularizer: str, weight: float) -> None:
+    """Turns on exactly one of REGULARIZERS with weight λ (baseline: none), in place."""
+    _choice('regularizer', regularizer, REGULARIZERS)
+    config.penalty.name, config.penalty.weight = NO_PENALTY, 0.0
+    config.weight_penalty.name, config.weight_penalty.weight = NO_PENALTY, 0.0
+    if regularizer in penalties.PENALTIES:
+        config.penalty.name, config.penalty.weight = regularizer, float(weight)
+    elif regularizer in penalties.WEIGHT_PENALTIES:
+        config.weight_penalty.name, config.weight_penalty.weight = regularizer, float(weight)
+
+
 def regularizer_name(config: ml_collections.ConfigDict) -> str:
     if config.penalty.name != NO_PENALTY and config.penalty.weight > 0:
         return config.penalty.name

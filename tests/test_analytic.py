@@ -110,21 +110,16 @@ def test_autodiff_equals_analytic_equals_reference(name, shape, num_classes, pat
   assert auto.shape == x.shape and auto.dtype == jnp.float32
   tols = _grad_tols(expected)
   np.testing.assert_allclose(closed, expected, err_msg=f'analytic.{name}', **tols)
-  if name == 'l1r':
-    # |z| has a kink at 0: Table 1 (and cwreg.analytic) take sign(0) = 0, while jax.grad of
-    # jnp.abs picks +1 there. Both are subgradients; compare off the kink and bound on it.
-    kink = x == 0
-    bound = 1.0 / (x.shape[0] * (x.size // x.shape[0]))
-    assert np.all(np.abs(np.asarray(auto)[kink]) <= bound * (1 + 1e-6))
-    auto, closed, expected = (np.where(kink, 0.0, np.asarray(a)) for a in (auto, closed, expected))
   chex.assert_trees_all_close(auto, closed, **tols)
   np.testing.assert_allclose(auto, expected, err_msg=f'jax.grad(penalties.{name})', **tols)
 
 
-@pytest.mark.xfail(strict=False, reason='jax.grad(jnp.abs)(0.) == 1 in jax 0.10; Table 1 uses sign(0) = 0')
-def test_l1r_autodiff_at_exact_zero_matches_table1_sign():
+def test_l1r_autodiff_at_exact_zero_is_table1_sign():
+  # ReLU activations are exactly 0 often. Table 1 takes sign(0) = 0 there; jax.grad(jnp.abs)(0.)
+  # would be 1 (also a subgradient), so this pins the documented choice.
   x = jnp.asarray(np.array([[0.0, 1.0], [-2.0, 0.0]], np.float32))
-  np.testing.assert_array_equal(AUTODIFF['l1r'](x, None), analytic.l1r(x))
+  np.testing.assert_array_equal(AUTODIFF['l1r'](x, None), np.array([[0, 1], [-1, 0]]) / 4.0)
+  np.testing.assert_array_equal(analytic.l1r(x), np.array([[0, 1], [-1, 0]]) / 4.0)
 
 
 @pytest.mark.parametrize('name', NAMES)
