@@ -99,6 +99,18 @@ def _as_labels(one_hot_labels: Optional[chex.Array], z: Array, name: str) -> Arr
   return one_hot_labels.astype(z.dtype)
 
 
+@jax.custom_jvp
+def _abs(x: Array) -> Array:
+  """|x| whose derivative is sign(x), 0 at 0 as in Table 1's L1R gradient (jax.grad(jnp.abs)(0.) is 1)."""
+  return jnp.abs(x)
+
+
+@_abs.defjvp
+def _abs_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return jnp.abs(x), jnp.sign(x) * dx
+
+
 def _single_class(z: Array) -> Array:
   return jnp.ones((z.shape[0], 1), z.dtype)
 
@@ -313,10 +325,7 @@ def l1r(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
   del one_hot_labels
   z = _as_units(activations)
   num_samples = z.shape[0] * _axis_size(axis_name)
-  # |z| as z·sign(z) with the sign held constant: the same value, and the gradient sign(z) of Table 1,
-  # whose subgradient at 0 is 0 (jax.grad(jnp.abs)(0.) is 1).
-  magnitude = jnp.sum(z * lax.stop_gradient(jnp.sign(z)))
-  value = _psum(magnitude, axis_name) / (float(num_samples) * float(z.shape[1]))
+  value = _psum(jnp.sum(_abs(z)), axis_name) / (float(num_samples) * float(z.shape[1]))
   return _replicated(value, activations, axis_name)
 
 
