@@ -193,7 +193,8 @@ def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
     frobenius = _psum(jnp.sum(sample_weight[:, None] * same_class * gram * gram), axis_name)
     # Remove the diagonal Σ_k Σ_i (v^k_i)², with v^k_i from per-class sums of squares (K×I, never K×I×I).
     variances = _psum(_dot(y.T, centred * centred), axis_name) * inv_counts[:, None]
-    off_diagonal = frobenius - jnp.sum(variances * variances)
+    # A sum of squares: clamp the rounding error of the difference (≈1e-7 relative) at 0.
+    off_diagonal = jnp.maximum(frobenius - jnp.sum(variances * variances), 0.0)
   else:
     # Small I: per-class covariances, off-diagonal entries summed directly (no cancellation).
     if num_classes == 1:

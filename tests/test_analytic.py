@@ -169,6 +169,35 @@ def test_check_grads_f64_if_supported(name):
   with jax.enable_x64(True):
     x64 = jnp.asarray(x, jnp.float64) + (0.1 * np.sign(x) if name == 'l1r' else 0.0)
     y64 = jnp.asarray(y, jnp.float64)
-    f = lambda a: getattr(penalties, name)(a, y64)
+    f = jax.jit(lambda a: getattr(penalties, name)(a, y64))
     check_grads(f, (x64,), order=1 if name == 'l1r' else 2, modes=['rev'], eps=1e-6,
                 atol=1e-7, rtol=1e-7)
+
+
+@pytest.mark.parametrize('shape,num_classes,pattern,kind', [
+    ((16, 300), 3, 'random', 'offset'),     # Gram path
+    ((64, 8), 2, 'random', 'offset'),       # covariance path
+    ((12, 2, 2, 3), 5, 'absent', 'relu'),
+    ((9, 16), 6, 'singletons', 'gauss'),
+])
+def test_f64_values_and_gradients_match_reference_tightly_if_supported(shape, num_classes, pattern, kind):
+  """In float64 the only differences left are rounding: catches small formula errors f32 would hide."""
+  if not _supports_float64():
+    pytest.skip('penalties accumulate in float32 by design (float64 input -> float32 value)')
+  x, y = _data(shape, num_classes, pattern, kind)
+  x = x.astype(np.float64)
+  with jax.enable_x64(True):
+    xj, yj = jnp.asarray(x), jnp.asarray(y, jnp.float64)
+    outputs = jax.jit(lambda a, b: {
+        name: (jax.value_and_grad(getattr(penalties, name))(a, b), getattr(analytic, name)(a, b))
+        for name in NAMES})(xj, yj)
+    for name in NAMES:
+      (value, auto), closed = outputs[name]
+      assert value.dtype == jnp.float64 and auto.dtype == jnp.float64 and closed.dtype == jnp.float64
+      expected_value = ref.VALUES[name](x, y)
+      np.testing.assert_allclose(value, expected_value, rtol=1e-10,
+                                 atol=1e-9 * ref.value_atol(name, x), err_msg=name)
+      expected = ref.GRADS[name](x, y)
+      tols = dict(rtol=1e-9, atol=1e-12 * float(np.max(np.abs(expected))) + 1e-300)
+      np.testing.assert_allclose(auto, expected, err_msg=f'jax.grad {name}', **tols)
+      np.testing.assert_allclose(closed, expected, err_msg=f'analytic {name}', **tols)

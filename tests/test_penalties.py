@@ -39,7 +39,6 @@ def _fn(name):
 # recompile every primitive per shape (several times slower). Eager calls are covered by
 # test_jit_equals_eager and the class edge-case tests.
 VALUE = {name: jax.jit(_fn(name)) for name in NAMES}
-VALUE_AND_GRAD = {name: jax.jit(jax.value_and_grad(_fn(name))) for name in NAMES}
 # All five in one program: one compilation per shape instead of five.
 ALL_VALUES = jax.jit(lambda x, y: {name: _fn(name)(x, y) for name in NAMES})
 ALL_VALUES_AND_GRADS = jax.jit(lambda x, y: {name: jax.value_and_grad(_fn(name))(x, y) for name in NAMES})
