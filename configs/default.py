@@ -59,8 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_epochs = 50
     config.num_train_steps = -1  # >0 overrides num_epochs
     config.eval_batch_size = 1000
-    config.eval_every_epochs = 1
-    config.steps_per_dispatch = 100  # steps fused into one lax.scan per host round trip
+    config.eval_every_epochs = 5  # evaluating 10k images costs ~20 % of an MNIST epoch
+    config.steps_per_dispatch = 500  # steps fused into one lax.scan per host round trip (CPU convnets: 1)
     config.checkpoint = True  # orbax checkpoint every epoch; a restarted run resumes from the latest
     return config
 

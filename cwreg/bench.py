@@ -225,24 +225,33 @@ def epoch_rows(config) -> list[dict]:
 
 
 def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict]:
-    """Runs per hour when λ-search runs are trained as vmapped groups of each size (`epochs` timed)."""
+    """Runs per hour when λ-search runs are trained as vmapped groups of each size.
+
+    Each group is trained for 1 and for 1 + `epochs` epochs; the difference of the two training loops is
+    `epochs` epochs of steady state (compilation excluded), extrapolated to config.num_epochs.
+    """
     import tempfile
     import ml_collections
     from cwreg import train
-    full_epochs = config.num_epochs
-    rows = []
-    for size in group_sizes:
+
+    def loop_seconds(size: int, num_epochs: int) -> tuple[float, int]:
         configs = []
         for r in range(size):
             c = ml_collections.ConfigDict(config.to_dict())
-            c.num_epochs, c.checkpoint, c.penalty.weight = epochs, False, 10.0 ** (r - 3)
+            c.num_epochs, c.checkpoint, c.penalty.weight = num_epochs, False, 10.0 ** (r - 3)
+            c.eval_every_epochs = num_epochs
             configs.append(c)
         with tempfile.TemporaryDirectory() as root:
             results = train.train_group(configs, [f'{root}/run{r}' for r in range(size)], f'{root}/group',
                                         on_nonfinite='record')
-        loop = results[0]['train_loop_s']
-        per_run_hours = loop / size * (full_epochs / epochs) / 3600
-        rows.append({'group_size': size, 'epochs_timed': epochs, 'loop_s': loop,
-                     'ms_per_step_per_run': 1e3 * loop / size / results[0]['steps'],
-                     f'runs_per_hour_({full_epochs}_epochs)': 1.0 / per_run_hours})
+        return results[0]['train_loop_s'], results[0]['steps']
+
+    rows = []
+    for size in group_sizes:
+        short, short_steps = loop_seconds(size, 1)
+        long, long_steps = loop_seconds(size, 1 + epochs)
+        per_step = (long - short) / (long_steps - short_steps)
+        per_run_hours = per_step * short_steps * config.num_epochs / size / 3600
+        rows.append({'group_size': size, 'ms_per_step_per_run': 1e3 * per_step / size,
+                     f'runs_per_hour_({config.num_epochs}_epochs)': 1.0 / per_run_hours})
     return rows
