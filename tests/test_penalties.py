@@ -490,3 +490,13 @@ def test_l1w_l2w_flax_params_and_no_kernels():
   np.testing.assert_allclose(penalties.l2w({'bias': jnp.ones(3)}), 0.0)
   np.testing.assert_allclose(penalties.l1w(jax.jit(lambda p: p)(params)), penalties.l1w(params), rtol=1e-6)
   chex.assert_trees_all_equal_shapes(jax.grad(penalties.l2w)(params), params)
+
+
+def test_penalty_library_does_not_import_tensorflow():
+  # Users import the penalties into their own JAX code: the training stack must stay optional.
+  import subprocess
+  import sys
+  code = ('import sys, cwreg.penalties, cwreg.analytic; '
+          'print(sorted(m for m in ("tensorflow", "tensorflow_datasets") if m in sys.modules))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+  assert out.strip() == '[]'
