@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import flax

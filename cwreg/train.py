@@ -26,7 +26,7 @@ import logging as std_logging
 import math
 import os
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 from absl import logging
 from clu import metric_writers
