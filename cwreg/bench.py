@@ -211,17 +211,35 @@ def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50
 # --- Whole runs. --------------------------------------------------------------------------------------------
 
 
-def epoch_rows(config) -> list[dict]:
-    """Wall time of one full run (e.g. 50 MNIST epochs): total, and the training loop alone."""
+def epoch_rows(config, repeats: int = 3) -> list[dict]:
+    """Wall time of full runs (e.g. 50 MNIST epochs), with and without per-epoch checkpoints.
+
+    Medians over `repeats` runs of the training loop (first compilation, evaluations and checkpoints
+    included) and of the whole run (data loading from the prepared TFDS files and initialisation too; the
+    in-process dataset cache is cleared before each run).
+    """
     import tempfile
+    import ml_collections
     from cwreg import train
-    with tempfile.TemporaryDirectory() as workdir:
-        result = train.train_and_evaluate(config, workdir)
-    return [{'scenario': result['scenario'], 'regularizer': result['regularizer'], 'epochs': result['epochs'],
-             'steps': result['steps'], 'train_loop_s': result['train_loop_s'],
-             'total_wall_s': result['wall_time_s'],
-             'ms_per_step': 1e3 * result['train_loop_s'] / result['steps'],
-             f'{result["eval_split"]}_error_%': result['error']}]
+    rows = []
+    for checkpoint in (True, False):
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.checkpoint = checkpoint
+        results = []
+        for _ in range(repeats):
+            train._load_data.cache_clear()  # pylint: disable=protected-access
+            with tempfile.TemporaryDirectory() as workdir:
+                results.append(train.train_and_evaluate(c, workdir))
+        loop = [r['train_loop_s'] for r in results]
+        total = [r['wall_time_s'] for r in results]
+        result = results[0]
+        rows.append({'scenario': result['scenario'], 'regularizer': result['regularizer'],
+                     'checkpoints': 'every epoch' if checkpoint else 'none', 'epochs': result['epochs'],
+                     'runs': repeats, 'train_loop_s': float(np.median(loop)), 'min_loop_s': min(loop),
+                     'total_wall_s': float(np.median(total)), 'min_total_s': min(total),
+                     'ms_per_step': 1e3 * float(np.median(loop)) / result['steps'],
+                     f'{result["eval_split"]}_error_%': result['error']})
+    return rows
 
 
 def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict]:

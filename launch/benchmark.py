@@ -2,7 +2,7 @@ r"""Benchmarks: penalty value+grad vs the masked per-class formulation, and trai
 
   python launch/benchmark.py --suite=penalties
   python launch/benchmark.py --suite=train --models=mnist_mlp,cifar_cnn
-  python launch/benchmark.py --suite=epochs --config.dataset.data_dir=data/tfds   (50 MNIST epochs)
+  python launch/benchmark.py --suite=epochs --repeats=3 --config.dataset.data_dir=data/tfds   (50 MNIST epochs)
   python launch/benchmark.py --suite=sweep --config.dataset.data_dir=data/tfds    (runs per hour)
 
 Prints markdown tables of medians and ratios measured in one process.
@@ -38,7 +38,7 @@ def main(argv):
         rows = bench.train_step_rows(FLAGS.models, FLAGS.penalties, steps=FLAGS.steps, repeats=FLAGS.repeats)
         print(bench.format_table(rows, ['model', 'penalty', 'layer', 'ms_per_step', 'overhead_%']))
     elif FLAGS.suite == 'epochs':
-        rows = bench.epoch_rows(FLAGS.config)
+        rows = bench.epoch_rows(FLAGS.config, repeats=FLAGS.repeats)
         print(bench.format_table(rows, list(rows[0])))
     else:
         rows = bench.sweep_rows(FLAGS.config, [int(g) for g in FLAGS.group_sizes])

@@ -312,6 +312,40 @@ def test_real_mnist(real_data_dir):
   np.testing.assert_array_equal(val.eval.labels, raw_labels[50_000:])
 
 
+def test_decoded_arrays_are_cached_and_invalidated_with_the_files(real_data_dir, tmp_path, monkeypatch):
+  data_dir = str(tmp_path / 'tfds')
+  shutil.copytree(os.path.join(real_data_dir, 'mnist'), os.path.join(data_dir, 'mnist'),
+                  ignore=shutil.ignore_patterns(data._ARRAY_CACHE))
+  reads = []
+  read_split = data._read_split
+  monkeypatch.setattr(data, '_read_split', lambda b, split: reads.append(split) or read_split(b, split))
+
+  first = data.load_dataset('mnist', data_dir=data_dir)
+  assert reads == ['train', 'test']
+  cached = data.load_dataset('mnist', data_dir=data_dir)
+  assert reads == ['train', 'test']  # served from the cache
+  np.testing.assert_array_equal(cached.train.images, first.train.images)
+  np.testing.assert_array_equal(cached.train.labels, first.train.labels)
+  np.testing.assert_array_equal(cached.eval.images, first.eval.images)
+  np.testing.assert_array_equal(cached.eval.labels, first.eval.labels)
+
+  # Re-prepared (here: touched) files make the cache stale: it is not read again.
+  builder = tfds.builder('mnist', data_dir=data_dir)
+  shard = os.fspath(builder.info.splits['train'].filepaths[0])
+  os.utime(shard, ns=(0, os.stat(shard).st_mtime_ns + 10**9))
+  again = data.load_dataset('mnist', data_dir=data_dir, validation=True)
+  assert reads == ['train', 'test', 'train']
+  np.testing.assert_array_equal(again.eval.labels, first.train.labels[50_000:])
+
+
+def test_mock_data_is_never_cached():
+  with _mock():
+    builder = tfds.builder('mnist', data_dir='/nonexistent')
+    assert data._split_fingerprint(builder, 'train') is None
+    data.load_dataset('mnist', data_dir='/nonexistent')
+    assert not os.path.exists(os.path.join(os.fspath(builder.data_path), data._ARRAY_CACHE))
+
+
 def test_real_cifar10_partial(real_data_dir):
   ds = data.load_dataset('cifar10_partial', data_dir=real_data_dir)
   _check_split(ds.train, 10_000, (32, 32, 3), 10)
