@@ -8,7 +8,7 @@ on the command line: ``--config.penalty.weight=0.1 --config.penalty.layer=layer3
 import ml_collections
 
 from cwreg.train import REGULARIZERS
-from cwreg.train import set_regularizer  # pylint: disable=unused-import  (used by the family configs)
+from cwreg.train import set_regularizer  # noqa: F401  (re-exported for the family configs)
 #: The paper's λ grid (suppl. A.1).
 WEIGHT_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 #: λ of a single run where no λ search has been run for the scenario (the sweep searches WEIGHT_GRID).
