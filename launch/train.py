@@ -20,7 +20,11 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.json.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() first (multi-host runs).')
+flags.DEFINE_bool('distributed', False, 'Multi-host: call jax.distributed.initialize() first; the flags below '
+                  'may stay unset where JAX detects the cluster (SLURM, Open MPI, Kubernetes, Cloud TPU).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (--distributed).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (--distributed).')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (--distributed).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -31,7 +35,8 @@ def main(argv):
     import tensorflow as tf
     tf.config.experimental.set_visible_devices([], 'GPU')
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; GPUs use NCCL
+        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from cwreg import train
     logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                  jax.local_devices())

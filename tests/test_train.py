@@ -21,12 +21,14 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from typing import Any, Iterator, Optional
 
+import chex
 import jax
 import ml_collections
 import numpy as np
@@ -397,6 +399,49 @@ def test_pmap_over_4_devices_equals_one_device(tmp_path):
                         env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   assert proc.stdout.count('OK ') == 4, proc.stdout
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_two_devices(real_data_dir, tmp_path):
+  """launch/train.py --distributed: 2 processes of 1 CPU device each (gloo collectives, one shared workdir)
+  end with the parameters of 1 process with 2 devices, and only process 0 writes results.json."""
+  args = [sys.executable, 'launch/train.py', '--config=configs/mnist_mlp.py:cw_vr',
+          f'--config.dataset.data_dir={real_data_dir}', '--config.dataset.train_size=1000',
+          '--config.num_epochs=2', '--config.steps_per_dispatch=4', '--config.eval_batch_size=500']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='')
+  reference, distributed = str(tmp_path / 'reference'), str(tmp_path / 'distributed')
+  coordinator = f'--coordinator_address=127.0.0.1:{_free_port()}'
+  logs = [open(tmp_path / f'{name}.log', 'w') for name in ('reference', 'process0', 'process1')]
+  try:
+    procs = [subprocess.Popen(args + [f'--workdir={reference}'], cwd=REPO_ROOT, stdout=logs[0],
+                              stderr=subprocess.STDOUT,
+                              env=dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=2'))]
+    procs += [subprocess.Popen(args + [f'--workdir={distributed}', '--distributed', coordinator,
+                                       '--num_processes=2', f'--process_id={i}'],
+                               cwd=REPO_ROOT, stdout=logs[1 + i], stderr=subprocess.STDOUT, env=env)
+              for i in range(2)]
+    codes = [proc.wait(timeout=600) for proc in procs]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+    for log in logs:
+      log.close()
+  outputs = [(tmp_path / f'{name}.log').read_text() for name in ('reference', 'process0', 'process1')]
+  assert codes == [0, 0, 0], '\n\n'.join(out[-3000:] for out in outputs)
+  assert 'JAX process 1/2' in outputs[2] and 'JAX process 0/1' in outputs[0]
+  assert os.listdir(distributed).count('results.json') == 1
+  ours, theirs = _read_results(distributed), _read_results(reference)
+  assert ours['error'] == theirs['error']
+  np.testing.assert_allclose(ours['loss'], theirs['loss'], rtol=1e-5)
+  chex.assert_trees_all_close(_restore_checkpoint(distributed, step=2)['state']['params'],
+                              _restore_checkpoint(reference, step=2)['state']['params'], rtol=1e-5, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------------------
