@@ -144,7 +144,7 @@ TRAIN_MODELS = {
 
 
 def _chunk_runner(config, input_shape: tuple[int, ...], steps: int, num_examples: int = 2000, seed: int = 0):
-    """A compiled `steps`-step train chunk on random data (one device, one run) and its arguments."""
+    """A compiled `steps`-step train chunk on random data (one run, mapped as the trainer maps it)."""
     import functools
     from cwreg import train
     task = train.Task.from_config(config, 10)
@@ -155,8 +155,7 @@ def _chunk_runner(config, input_shape: tuple[int, ...], steps: int, num_examples
     order = np.concatenate([rng.permutation(num_examples) for _ in range(
         -(-steps * config.batch_size // num_examples))]).astype(np.int32)
     weights = {'penalty': np.float32(config.penalty.weight), 'weight_penalty': np.float32(0.0)}
-    step_fn = jax.pmap(functools.partial(train.train_chunk, task, steps, config.batch_size), axis_name='batch',
-                       devices=jax.local_devices()[:1])
+    step_fn = train.device_map(functools.partial(train.train_chunk, task, steps, config.batch_size))
     put = lambda x: jax.device_put(np.asarray(x)[None], jax.local_devices()[0])
     args = [put(images), put(labels), put(order), put(np.int32(0)), jax.tree.map(put, weights),
             put(np.asarray(jax.random.PRNGKey(seed)))]

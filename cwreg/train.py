@@ -6,7 +6,7 @@ penalty and He et al.'s weight decay:
     J̃ = mean task loss over the global batch + λ Ω(z over the global batch) + λ_w W(kernels) + wd ½‖w‖²
 
 Data parallelism. The per-device step is a pure function with ``axis_name='batch'`` mapped with
-``jax.pmap`` over all local devices. Under ``pmap``, ``jax.grad`` of a device's loss ℓ_d w.r.t. its inputs
+``jax.pmap`` over all local devices (on a single device: ``jit(vmap)``, see ``device_map``). Under ``pmap``, ``jax.grad`` of a device's loss ℓ_d w.r.t. its inputs
 is ∂(Σ_d ℓ_d)/∂(inputs) (psum and pmean transpose to psum), so each device minimizes its *share* of J̃:
 ℓ_d = (task_d + weight terms) / D + λ Ω, where Ω (``cwreg.penalties`` with ``axis_name``) already has the
 global value and a per-device gradient that sums to the global one. Summing the parameter gradients
@@ -311,6 +311,19 @@ def _load_data(name, data_dir, validation, train_size, num_classes, download) ->
                                  num_classes=num_classes, download=download)
 
 
+def device_map(fn, donate_argnums: tuple[int, ...] = ()):
+    """`jax.pmap(fn, axis_name=AXIS)` over the local devices, mapping axis 0 of every argument and output.
+
+    With a single device in the whole job it is instead `jit(vmap(fn, axis_name=AXIS))` over the size-1
+    device axis: the same computation (collectives over one participant are identities), but XLA:CPU runs
+    the jitted program ~13 % faster than the pmapped one (the MNIST MLP step: 0.80 vs 0.93 ms). The two
+    round differently (≈1e-7 after 500 steps), so a run is bitwise reproducible on the same device count.
+    """
+    if jax.device_count() == 1:
+        return jax.jit(jax.vmap(fn, axis_name=AXIS), donate_argnums=donate_argnums)
+    return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate_argnums)
+
+
 def shard(tree):
     """Puts arrays with a leading axis of size local_device_count() one slice per device, as pmap expects."""
     devices = jax.local_devices()
@@ -478,18 +491,18 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     eval_arrays = shard(_eval_layout(dataset.eval, config.eval_batch_size, num_devices))
     p_state, p_weights = replicate(state), replicate(weights)
     p_rngs = replicate(rngs)
-    # Runs are vmapped (axis 0 of state, order, weights, rng); devices are pmapped around them.
-    p_eval = jax.pmap(jax.vmap(functools.partial(eval_chunk, task),
-                               in_axes=(_state_axes(p_state), None, None, None)), axis_name=AXIS)
+    # Runs are vmapped (axis 0 of state, order, weights, rng); devices are mapped around them.
+    p_eval = device_map(jax.vmap(functools.partial(eval_chunk, task),
+                                 in_axes=(_state_axes(p_state), None, None, None)))
     compiled = {}
 
     def run_steps(p_state, p_order, first_step, count):
         if count not in compiled:
             chunk = functools.partial(train_chunk, task, count, global_batch)
-            compiled[count] = jax.pmap(
+            compiled[count] = device_map(
                 jax.vmap(chunk, in_axes=(_state_axes(p_state), None, None, 0, None, 0, 0),
                          out_axes=(_state_axes(p_state), 0)),
-                axis_name=AXIS, donate_argnums=(0,))
+                donate_argnums=(0,))
         return compiled[count](p_state, images, labels, p_order, replicate(np.int32(first_step)), p_weights,
                                p_rngs)
 
