@@ -59,13 +59,41 @@ def run_dir(sweep_dir: str, regularizer: str, phase: str, weight: float = 0.0, s
     return os.path.join(sweep_dir, regularizer, name)
 
 
-def status(workdir: str) -> Optional[str]:
-    """The `status` of a run's results.json, or None if it has none (not started or interrupted)."""
+def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What a run is, as its results.json records it: the fields a sweep varies, and the training length."""
+    return {'scenario': config.scenario, 'regularizer': train.regularizer_name(config),
+            'weight': train.regularizer_weight(config), 'seed': config.seed,
+            'phase': 'select' if config.dataset.validation else 'final',
+            'num_epochs': config.num_epochs, 'num_train_steps': config.num_train_steps}
+
+
+def _recorded_identity(result: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: result.get(k) for k in ('scenario', 'regularizer', 'weight', 'seed', 'phase')},
+            'num_epochs': result['config'].get('num_epochs'),
+            'num_train_steps': result['config'].get('num_train_steps')}
+
+
+def status(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Optional[str]:
+    """The `status` of a run's results.json; None if it has none (not started or interrupted), or if
+    `config` is given and the results are of another run (e.g. a final run whose λ the search has since
+    changed, or a different number of epochs)."""
     path = os.path.join(workdir, 'results.json')
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f).get('status')
+        result = json.load(f)
+    if config is not None and _recorded_identity(result) != _identity(config):
+        return None
+    return result.get('status')
+
+
+def _discard_results(workdir: str) -> None:
+    """Removes a run's outputs before it is retrained, so a stale result is never read in the meantime."""
+    for name in ('results.json', VARIABLES_FILE, 'stats.json'):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            logging.warning('%s holds another run than the one to train now; removing it.', path)
+            os.remove(path)
 
 
 @dataclasses.dataclass
@@ -92,12 +120,15 @@ class Progress:
 def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], group_root: str,
            progress: Progress, max_group: int) -> None:
     """Trains the runs not done yet, `max_group` at a time as vmapped groups."""
-    todo = [(c, w) for c, w in zip(configs, workdirs) if status(w) not in DONE]
+    todo = [(c, w) for c, w in zip(configs, workdirs) if status(w, c) not in DONE]
     progress.update(len(configs) - len(todo))
+    for _, workdir in todo:
+        _discard_results(workdir)
     for start in range(0, len(todo), max_group):
         group = todo[start:start + max_group]
         # The group directory is named after its runs, so a resumed sweep finds its own checkpoints.
-        key = hashlib.sha1('|'.join(w for _, w in group).encode()).hexdigest()[:10]
+        names = '|'.join(f'{w}:{json.dumps(_identity(c), sort_keys=True)}' for c, w in group)
+        key = hashlib.sha1(names.encode()).hexdigest()[:10]
         t0 = time.time()
         group_dir = os.path.join(group_root, f'group_{key}')
         train.train_group([c for c, _ in group], [w for _, w in group], group_dir, on_nonfinite='record',
