@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -84,6 +85,32 @@ def test_rerun_trains_only_missing_runs(tiny_sweep, monkeypatch):
     # Same seed, same λ, same data: the retrained run reproduces the first one.
     np.testing.assert_allclose(after['loss'], before['loss'], rtol=1e-5)
     assert after['error'] == pytest.approx(before['error'])
+
+
+def test_final_runs_follow_a_changed_choice_of_lambda(tiny_sweep, tmp_path, monkeypatch):
+    base, sweep_dir, chosen = tiny_sweep
+    sweep_dir = str(shutil.copytree(sweep_dir, tmp_path / 'sweep'))
+    # Make the other λ the better one on validation, as a longer or wider search might.
+    other = 1.0 if chosen['cw_vr'] == 0.01 else 0.01
+    path = os.path.join(sweep.run_dir(sweep_dir, 'cw_vr', 'select', weight=other), 'results.json')
+    result = _results(os.path.dirname(path))
+    result['error'] = -1.0
+    with open(path, 'w') as f:
+        json.dump(result, f)
+    trained = []
+    original = train.train_group
+
+    def record(configs, workdirs, *args, **kwargs):
+        trained.extend(workdirs)
+        assert all(not os.path.exists(os.path.join(w, 'results.json')) for w in workdirs)  # stale ones removed
+        return original(configs, workdirs, *args, **kwargs)
+
+    monkeypatch.setattr(train, 'train_group', record)
+    assert sweep.run_sweep(base, sweep_dir, regularizers=('cw_vr',), grid=(0.01, 1.0),
+                                                  seeds=(0, 1))['cw_vr'] == other
+    finals = [sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=s) for s in (0, 1)]
+    assert trained == finals
+    assert [_results(w)['weight'] for w in finals] == [other, other]
 
 
 def test_final_runs_have_table5_statistics(tiny_sweep):
