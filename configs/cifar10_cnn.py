@@ -11,7 +11,7 @@ Scenarios (Table 8 columns): default, size1k, size5k (first 1k/5k training image
 `cifar10_partial`: add --config.dataset.name=cifar10_partial), width32, width512 (FC width), momentum,
 rmsprop (optimizer).
 
-Expected: ≈ 50 epochs × 500 steps at ≈ 0.45 s/step ≈ 3 h on a 2-core CPU; ≈ 5 min on one GPU. Test error
+Expected: ≈ 50 epochs × 500 steps at ≈ 0.38 s/step ≈ 2.6 h on a 2-core CPU; ≈ 5 min on one GPU. Test error
 (paper, default): baseline 26.64 ± 0.16, cw-VR 21.58 ± 0.21 (best: VR 21.44 ± 0.88).
 """
 
