@@ -244,8 +244,8 @@ def epoch_rows(config, repeats: int = 3) -> list[dict]:
 def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict]:
     """Runs per hour when λ-search runs are trained as vmapped groups of each size.
 
-    Each group is trained for 1 and for 1 + `epochs` epochs; the difference of the two training loops is
-    `epochs` epochs of steady state (compilation excluded), extrapolated to config.num_epochs.
+    Each group is trained for 1 and for 1 + `epochs` epochs, after a warm-up run that compiles; the difference
+    of the two training loops is `epochs` epochs of steady state, extrapolated to config.num_epochs.
     """
     import tempfile
     import ml_collections
@@ -265,6 +265,7 @@ def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict
 
     rows = []
     for size in group_sizes:
+        loop_seconds(size, 1)  # warm-up: the timed runs below then both reuse the compiled programs
         short, short_steps = loop_seconds(size, 1)
         long, long_steps = loop_seconds(size, 1 + epochs)
         per_step = (long - short) / (long_steps - short_steps)
