@@ -60,17 +60,14 @@ def run_dir(sweep_dir: str, regularizer: str, phase: str, weight: float = 0.0, s
 
 
 def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What a run is, as its results.json records it: the fields a sweep varies, and the training length."""
-    return {'scenario': config.scenario, 'regularizer': train.regularizer_name(config),
-            'weight': train.regularizer_weight(config), 'seed': config.seed,
-            'phase': 'select' if config.dataset.validation else 'final',
+    """What a run is: the fields a sweep varies, and the training length."""
+    return {**train.run_identity(config),
             'num_epochs': config.num_epochs, 'num_train_steps': config.num_train_steps}
 
 
 def _recorded_identity(result: dict[str, Any]) -> dict[str, Any]:
-    return {**{k: result.get(k) for k in ('scenario', 'regularizer', 'weight', 'seed', 'phase')},
-            'num_epochs': result['config'].get('num_epochs'),
-            'num_train_steps': result['config'].get('num_train_steps')}
+    """`_identity` of the run a results.json was written by (from the config it records)."""
+    return _identity(ml_collections.ConfigDict(result['config']))
 
 
 def status(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Optional[str]:

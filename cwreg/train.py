@@ -6,8 +6,9 @@ penalty and He et al.'s weight decay:
     J̃ = mean task loss over the global batch + λ Ω(z over the global batch) + λ_w W(kernels) + wd ½‖w‖²
 
 Data parallelism. The per-device step is a pure function with ``axis_name='batch'`` mapped with
-``jax.pmap`` over all local devices (on a single device: ``jit(vmap)``, see ``device_map``). Under ``pmap``, ``jax.grad`` of a device's loss ℓ_d w.r.t. its inputs
-is ∂(Σ_d ℓ_d)/∂(inputs) (psum and pmean transpose to psum), so each device minimizes its *share* of J̃:
+``jax.pmap`` over all local devices (on a single device: ``jit(vmap)``, see ``device_map``). Under
+``pmap``, ``jax.grad`` of a device's loss ℓ_d w.r.t. its inputs is ∂(Σ_d ℓ_d)/∂(inputs) (psum and pmean
+transpose to psum), so each device minimizes its *share* of J̃:
 ℓ_d = (task_d + weight terms) / D + λ Ω, where Ω (``cwreg.penalties`` with ``axis_name``) already has the
 global value and a per-device gradient that sums to the global one. Summing the parameter gradients
 (``psum``) then gives exactly ∇J̃ — the same update as one device on the whole batch, BatchNorm statistics
@@ -475,8 +476,9 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
 
     # Saves are synchronous, but run on a worker thread (one at a time) while training goes on: orbax's own
     # async mode still blocks the training loop ~30 ms per save, 5 % of an MNIST epoch.
-    checkpoints = ocp.CheckpointManager(os.path.join(group_dir, 'checkpoints'), options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, create=True, enable_async_checkpointing=False))
+    checkpoints = ocp.CheckpointManager(
+        os.path.join(group_dir, 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
     saver = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     pending_save = None
     first_epoch = 0
@@ -560,11 +562,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     final_state = unreplicate(p_state)
     for r, (run_config, workdir) in enumerate(zip(configs, workdirs)):
         result = {
-            'scenario': run_config.scenario,
-            'regularizer': regularizer_name(run_config),
-            'weight': regularizer_weight(run_config),
-            'seed': run_config.seed,
-            'phase': 'select' if run_config.dataset.validation else 'final',
+            **run_identity(run_config),
             'eval_split': 'validation' if run_config.dataset.validation else 'test',
             'error': None if task.reconstruction or diverged[r] else final['error'][r],
             'loss': None if diverged[r] else final['loss'][r],
@@ -655,6 +653,13 @@ def regularizer_weight(config: ml_collections.ConfigDict) -> float:
     if name in penalties.WEIGHT_PENALTIES:
         return float(config.weight_penalty.weight)
     return 0.0
+
+
+def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Which run of a scenario's protocol `config` is, as its results.json records it."""
+    return {'scenario': config.scenario, 'regularizer': regularizer_name(config),
+            'weight': regularizer_weight(config), 'seed': config.seed,
+            'phase': 'select' if config.dataset.validation else 'final'}
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
