@@ -11,10 +11,11 @@ activation and S_k the samples of class k::
     ∂Ω_cw-VR/∂z_in = 2 / (K I |S_k|)      (z_in − μ^k_i),                  n ∈ S_k
     ∂Ω_L1R/∂z_in   = sign(z_in) / (N I)   (the subgradient 0 at z_in = 0)
 
-They exist to check the autodiff path and to explain the regularizers: VR pulls each activation towards its
-unit's mean, cw-VR towards its class mean; CR and cw-CR do the same weighted by the covariances c_ij. They
-are written from the formulas (per-class I×I covariance matrices), not for speed: use them on layers of up
-to a few thousand units. With ``axis_name`` the statistics are those of the global batch and each device
+They exist to check ``jax.grad`` of the penalties and to explain the regularizers: VR pulls each activation
+towards its unit's mean, cw-VR towards its class mean; CR and cw-CR do the same weighted by the covariances
+c_ij. They are written from the formulas (per-class I×I covariance matrices), not for speed: use them on
+layers of up to a few thousand units. (The penalties differentiate CR and cw-CR with the same closed form,
+written for speed: Gram or covariance form, one product; both are checked against the float64 oracle.) With ``axis_name`` the statistics are those of the global batch and each device
 gets its slice of the global gradient.
 """
 

@@ -7,8 +7,8 @@ All representation penalties share one signature::
 ``activations`` has shape ``(N, ...)`` and is flattened to ``(N, I)`` with ``I`` the product of the
 non-batch dimensions (every H·W·C position of a conv feature map is a unit, as in the paper).
 ``one_hot_labels`` has shape ``(N, K)`` with ``K`` the number of classes of the dataset (absent classes
-included). Statistics are mini-batch statistics with the paper's ``1/N`` (per class ``1/|S_k|``),
-eqs. (1)–(6)::
+included); every row is one-hot (with K = 1, the whole batch is one class). Statistics are mini-batch
+statistics with the paper's ``1/N`` (per class ``1/|S_k|``), eqs. (1)–(6)::
 
     μ_i = 1/N Σ_n z_in                 c_ij = 1/N Σ_n (z_in − μ_i)(z_jn − μ_j)        v_i = c_ii
     μ^k_i = 1/|S_k| Σ_{n∈S_k} z_in     c^k_ij = 1/|S_k| Σ_{n∈S_k} (z_in − μ^k_i)(z_jn − μ^k_j)
@@ -22,12 +22,19 @@ printed 2/(I(I−1)) prefactor disagrees with Table 1's own gradient by a factor
 
 The all-class penalties are the class-wise ones with a single class (K = 1), so each formula lives in one
 place. A class absent from the batch, or with a single sample, contributes exactly 0 (the authors' code
-returns NaN for an absent class). Activations of any float dtype are accumulated in at least f32 (bf16 in f32, f64 in f64).
+returns NaN for an absent class). Activations of any float dtype are accumulated in at least f32 (bf16 in
+f32, f64 in f64).
 
 Wide layers: Σ_k ‖C_k‖²_F is computed either from K per-class I×I covariances (cost K·N·I²) or, exactly,
 from the N×N Gram matrix of class-centred activations restricted to same-class pairs (cost N²·I), since
 ‖Z_kᵀ Z_k‖_F = ‖Z_k Z_kᵀ‖_F. The cheaper form is chosen from the static shapes, so cw-CR on a 65,536-unit
 conv feature map costs about as much as a forward pass of the layer, and no N×I×I tensor is ever built.
+
+Gradients: CR and cw-CR are differentiated with Table 1's closed form, installed as a JVP rule, so
+forward and reverse mode both cost one more product of the forward pass's size (autodiff of the forward
+pass takes two, plus the small products of the class statistics). Higher derivatives are autodiff of the
+rule. The other penalties use plain autodiff. Per-class sums and look-ups are segment sums and gathers on
+CPU, where thin one-hot products run several times slower, and one-hot products elsewhere.
 
 Multiple devices: with ``axis_name`` set inside ``jax.pmap`` or ``jax.shard_map``, every statistic is that
 of the global batch (all devices along the axis). The returned value is identical on every device and
@@ -40,12 +47,14 @@ AAAI 2019, arXiv:1809.09307. CR is DeCov (Cogswell et al., ICLR 2016).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 Array = jax.Array
 AxisName = Optional[Any]
@@ -115,6 +124,37 @@ def _single_class(z: Array) -> Array:
   return jnp.ones((z.shape[0], 1), z.dtype)
 
 
+def _class_sums(values: Array, y: Array) -> Array:
+  """Σ_{n∈S_k} values_n for every class k: (N, ...) -> (K, ...)."""
+  if y.shape[1] == 1:
+    return jnp.sum(values, axis=0, keepdims=True)
+  return lax.platform_dependent(
+      values, y,
+      # XLA:CPU runs these thin products (K ≪ N, I) several times slower than a segment sum.
+      cpu=lambda v, y: jax.ops.segment_sum(v, jnp.argmax(y, axis=1), num_segments=y.shape[1]),
+      default=lambda v, y: jnp.tensordot(y.T, v, axes=1, precision=_PRECISION))
+
+
+def _of_own_class(class_values: Array, y: Array) -> Array:
+  """The entry of each sample's class: (K, ...) -> (N, ...)."""
+  if y.shape[1] == 1:
+    return jnp.broadcast_to(class_values, y.shape[:1] + class_values.shape[1:])
+  return lax.platform_dependent(
+      class_values, y,
+      cpu=lambda v, y: v[jnp.argmax(y, axis=1)],
+      default=lambda v, y: jnp.tensordot(y, v, axes=1, precision=_PRECISION))
+
+
+def _same_class(y: Array, other_y: Array) -> Array:
+  """(N, M) indicator that sample n of y and sample m of other_y share a class."""
+  if y.shape[1] == 1:
+    return jnp.ones((y.shape[0], other_y.shape[0]), y.dtype)
+  return lax.platform_dependent(
+      y, other_y,
+      cpu=lambda a, b: (jnp.argmax(a, axis=1)[:, None] == jnp.argmax(b, axis=1)[None, :]).astype(a.dtype),
+      default=lambda a, b: _dot(a, b.T))
+
+
 def _class_centred(z: Array, y: Array, axis_name: AxisName) -> tuple[Array, Array]:
   """Subtracts from each sample the mean of its class (global batch).
 
@@ -126,11 +166,13 @@ def _class_centred(z: Array, y: Array, axis_name: AxisName) -> tuple[Array, Arra
   Returns:
     (z − μ^{k(n)}) of shape (N, I), and the class counts |S_k| of shape (K,).
   """
-  counts = _psum(jnp.sum(y, axis=0), axis_name)
-  class_sums = _psum(_dot(y.T, z), axis_name)
+  if y.shape[1] == 1:  # One class holds the whole batch: its size is static.
+    counts = jnp.full((1,), z.shape[0] * _axis_size(axis_name), z.dtype)
+  else:
+    counts = _psum(jnp.sum(y, axis=0), axis_name)
   # max(·, 1): an absent class has a zero sum and no members, so its (unused) mean is 0, not NaN.
-  means = class_sums / jnp.maximum(counts, 1.0)[:, None]
-  return z - _dot(y, means), counts
+  means = _psum(_class_sums(z, y), axis_name) / jnp.maximum(counts, 1.0)[:, None]
+  return z - _of_own_class(means, y), counts
 
 
 def _replicated(value: Array, activations: Array, axis_name: AxisName) -> Array:
@@ -158,7 +200,7 @@ def _variance(z: Array, y: Array, axis_name: AxisName) -> Array:
   num_classes, num_units = y.shape[1], z.shape[1]
   centred, counts = _class_centred(z, y, axis_name)
   # Σ_i v^k_i = (1/|S_k|) Σ_{n∈S_k} ‖z_n − μ^k‖²: per-sample squared norms summed per class.
-  per_class = _psum(_dot(jnp.sum(centred * centred, axis=1), y), axis_name)
+  per_class = _psum(_class_sums(jnp.sum(centred * centred, axis=1), y), axis_name)
   total = jnp.sum(per_class / jnp.maximum(counts, 1.0))
   return total / (float(num_classes) * float(num_units))
 
@@ -172,39 +214,95 @@ def use_gram_form(num_samples: int, num_units: int, num_classes: int) -> bool:
   return num_samples * num_samples < num_classes * num_samples * num_units
 
 
-def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
-  """Σ_k Σ_{i≠j} (c^k_ij)² / (K I(I−1)): the cw-CR form; CR is the K = 1 case."""
-  num_classes, num_units = y.shape[1], z.shape[1]
-  if num_units < 2:  # No pair of distinct units.
-    return jnp.zeros((), z.dtype)
+# Off-diagonal masks up to this many units are baked into the program as constants (≤ 1 MiB); wider ones
+# are built from iotas at run time rather than bloat it.
+_CONSTANT_MASK_MAX_UNITS = 512
+
+
+def _off_diagonal_mask(num_units: int, dtype) -> Array:
+  if num_units <= _CONSTANT_MASK_MAX_UNITS:
+    return jnp.asarray(1.0 - np.eye(num_units), dtype)
+  return 1.0 - jnp.eye(num_units, dtype=dtype)
+
+
+def _off_diagonal_sum(z: Array, y: Array, gram_form: bool, axis_name: AxisName,
+                      with_gradient: bool) -> tuple[Array, Optional[Array]]:
+  """Σ_k Σ_{i≠j} (c^k_ij)² over the global batch and, if asked, its gradient for this device's z.
+
+  The gradient is Table 1's: it has no μ terms, because the means' share of it is exactly 0 (each
+  class's gradient is a linear map of its centred activations, which sum to 0 over the class).
+  """
+  num_units = z.shape[1]
   centred, counts = _class_centred(z, y, axis_name)
   inv_counts = 1.0 / jnp.maximum(counts, 1.0)
-  num_samples = z.shape[0] * _axis_size(axis_name)
-  if use_gram_form(num_samples, num_units, num_classes):
-    # ‖C_k‖²_F = (1/|S_k|²) Σ_{n,m∈S_k} ⟨z_n − μ^k, z_m − μ^k⟩²: same-class entries of the Gram matrix.
-    if axis_name is None:
+  if gram_form:
+    # ‖C_k‖²_F = (1/|S_k|²) Σ_{n,m∈S_k} ⟨x_n, x_m⟩²: same-class entries of the Gram matrix.
+    if _axis_size(axis_name) == 1:
       others, other_labels = centred, y
     else:
       others = lax.all_gather(centred, axis_name, tiled=True)
       other_labels = lax.all_gather(y, axis_name, tiled=True)
     gram = _dot(centred, others.T)
-    same_class = _dot(y, other_labels.T)
-    sample_weight = _dot(y, inv_counts * inv_counts)
-    frobenius = _psum(jnp.sum(sample_weight[:, None] * same_class * gram * gram), axis_name)
-    # Remove the diagonal Σ_k Σ_i (v^k_i)², with v^k_i from per-class sums of squares (K×I, never K×I×I).
-    variances = _psum(_dot(y.T, centred * centred), axis_name) * inv_counts[:, None]
+    # a_nm = 1/|S_k|² if n and m are both in class k, else 0.
+    pair_weights = _of_own_class(inv_counts * inv_counts, y)[:, None] * _same_class(y, other_labels)
+    weighted = pair_weights * gram
+    frobenius = _psum(jnp.sum(weighted * gram), axis_name)
+    # Remove the diagonal Σ_k Σ_i (c^k_ii)², from per-class sums of squares (K×I, never K×I×I).
+    variances = _psum(_class_sums(centred * centred, y), axis_name) * inv_counts[:, None]
+    difference = frobenius - jnp.sum(variances * variances)
     # A sum of squares: clamp the rounding error of the difference (≈1e-7 relative) at 0.
-    off_diagonal = jnp.maximum(frobenius - jnp.sum(variances * variances), 0.0)
+    value = jnp.maximum(difference, 0.0)
+    if not with_gradient:
+      return value, None
+    # ∂/∂x_n = 4 Σ_m a_nm ⟨x_n, x_m⟩ x_m − 4 (c^k_ii/|S_k|)_i ∘ x_n, m over the global batch, n ∈ S_k.
+    diagonal = _of_own_class(inv_counts[:, None] * variances, y) * centred
+    grad = (4.0 * (difference > 0).astype(z.dtype)) * (_dot(weighted, others) - diagonal)
+    return value, grad
+  # Small I: per-class covariances, off-diagonal entries summed directly (no cancellation).
+  if y.shape[1] == 1:
+    scatter = _dot(centred.T, centred)[None]
   else:
-    # Small I: per-class covariances, off-diagonal entries summed directly (no cancellation).
-    if num_classes == 1:
-      scatter = _dot(centred.T, centred)[None]
-    else:
-      scatter = jnp.einsum('nk,ni,nj->kij', y, centred, centred, precision=_PRECISION)
-    covariances = _psum(scatter, axis_name) * inv_counts[:, None, None]
-    off_diagonal_mask = 1.0 - jnp.eye(num_units, dtype=z.dtype)
-    off_diagonal = jnp.sum(jnp.square(covariances) * off_diagonal_mask)
-  return off_diagonal / (float(num_classes) * float(num_units) * float(num_units - 1))
+    scatter = jnp.einsum('nk,ni,nj->kij', y, centred, centred, precision=_PRECISION)
+  off_diagonal = _psum(scatter, axis_name) * (inv_counts[:, None, None] * _off_diagonal_mask(
+      num_units, centred.dtype))
+  value = jnp.sum(off_diagonal * off_diagonal)
+  if not with_gradient:
+    return value, None
+  # ∂/∂x_n = (4/|S_k|) Σ_{j≠i} c^k_ij x_jn for the class k of n.
+  if y.shape[1] == 1:
+    return value, _dot(centred, (4.0 * inv_counts) * off_diagonal[0])
+  return value, jnp.einsum('nk,kij,nj->ni', (4.0 * inv_counts) * y, off_diagonal, centred,
+                           precision=_PRECISION)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _off_diagonal(z: Array, y: Array, gram_form: bool, axis_name: AxisName) -> Array:
+  """Σ_k Σ_{i≠j} (c^k_ij)² of the global batch, differentiated with Table 1's closed form.
+
+  Autodiff would differentiate every product of the forward pass (xᵀx twice, the class means, the
+  per-class sums of squares); the closed form costs one product the size of the forward one. As a JVP
+  rule it serves forward and reverse mode alike, and higher derivatives are autodiff of the rule.
+  Labels get no derivative.
+  """
+  return _off_diagonal_sum(z, y, gram_form, axis_name, with_gradient=False)[0]
+
+
+@_off_diagonal.defjvp
+def _off_diagonal_jvp(gram_form, axis_name, primals, tangents):
+  (z, y), (z_dot, _) = primals, tangents
+  value, grad = _off_diagonal_sum(z, y, gram_form, axis_name, with_gradient=True)
+  return value, _psum(jnp.sum(grad * z_dot), axis_name)
+
+
+def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
+  """Σ_k Σ_{i≠j} (c^k_ij)² / (K I(I−1)): the cw-CR form; CR is the K = 1 case."""
+  num_classes, num_units = y.shape[1], z.shape[1]
+  if num_units < 2:  # No pair of distinct units.
+    return jnp.zeros((), z.dtype)
+  num_samples = z.shape[0] * _axis_size(axis_name)
+  gram_form = use_gram_form(num_samples, num_units, num_classes)
+  total = _off_diagonal(z, y, gram_form, axis_name)
+  return total / (float(num_classes) * float(num_units) * float(num_units - 1))
 
 
 # ----------------------------------------------------------------------------------------------------------

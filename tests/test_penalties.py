@@ -156,6 +156,37 @@ def test_values_match_reference_explicit_cases(shape, num_classes, pattern, kind
     _assert_matches_reference(name, x, y, value=values[name])
 
 
+def test_accelerator_branch_equals_cpu_branch_and_reference(monkeypatch):
+  """The class sums and lookups are segment sums and gathers on CPU, one-hot products elsewhere.
+
+  CI has only a CPU, so the products are forced here (what GPUs and TPUs run) and compared with the oracle
+  and with the CPU branch, values and gradients, on both covariance paths.
+  """
+  cases = [EXPLICIT_CASES[i] for i in (0, 4, 5, 6)] + [((33, 300), 7, 'absent', 'offset')]
+  assert {penalties.use_gram_form(s[0], int(np.prod(s[1:])), k) for s, k, _, _ in cases} == {True, False}
+  data = []
+  for shape, num_classes, pattern, kind in cases:
+    rng = np.random.default_rng(zlib.crc32(repr((shape, num_classes, pattern, kind)).encode()))
+    data.append((ref.make_activations(rng, shape, kind),
+                 ref.make_labels(rng, shape[0], num_classes, pattern)))
+  fn = lambda x, y: {name: jax.value_and_grad(_fn(name))(x, y) for name in NAMES}
+  on_cpu = [jax.jit(fn)(jnp.asarray(x), jnp.asarray(y)) for x, y in data]
+  calls = []
+
+  def default_branch(*args, default, **platforms):
+    calls.append(sorted(platforms))
+    return default(*args)
+
+  monkeypatch.setattr(penalties.lax, 'platform_dependent', default_branch)
+  for (x, y), cpu in zip(data, on_cpu):
+    products = jax.jit(lambda x, y: fn(x, y))(jnp.asarray(x), jnp.asarray(y))  # a new trace
+    for name in NAMES:
+      _assert_matches_reference(name, x, y, value=products[name][0], err='(product branch)')
+      chex.assert_trees_all_close(products[name], cpu[name], rtol=1e-5,
+                                  atol=1e-6 * float(np.max(np.abs(cpu[name][1]))) + 1e-30)
+  assert calls and all(platforms == ['cpu'] for platforms in calls)
+
+
 @pytest.mark.parametrize('name', ALL_CLASS)
 def test_all_class_penalties_ignore_labels(name):
   rng = np.random.default_rng(2)
