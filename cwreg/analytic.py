@@ -14,9 +14,10 @@ activation and S_k the samples of class k::
 They exist to check ``jax.grad`` of the penalties and to explain the regularizers: VR pulls each activation
 towards its unit's mean, cw-VR towards its class mean; CR and cw-CR do the same weighted by the covariances
 c_ij. They are written from the formulas (per-class I×I covariance matrices), not for speed: use them on
-layers of up to a few thousand units. (The penalties differentiate CR and cw-CR with the same closed form,
-written for speed: Gram or covariance form, one product; both are checked against the float64 oracle.) With ``axis_name`` the statistics are those of the global batch and each device
-gets its slice of the global gradient.
+layers of up to a few thousand units. (The penalties differentiate CR, cw-CR, VR and cw-VR with the same
+closed forms, written for speed: for CR/cw-CR the Gram or covariance form, one product; all are checked
+against the float64 oracle.) With ``axis_name`` the statistics are those of the global batch and each
+device gets its slice of the global gradient.
 """
 
 from __future__ import annotations

@@ -167,12 +167,49 @@ def _chunk_runner(config, input_shape: tuple[int, ...], steps: int, num_examples
     return run
 
 
+def _representation_width(config, input_shape: tuple[int, ...], layer: str) -> int:
+    """I: the number of units of `layer` (H·W·C for a feature map)."""
+    from cwreg import train
+    task = train.Task.from_config(config, 10)
+    images = jax.ShapeDtypeStruct((config.batch_size,) + input_shape, jnp.float32)
+    variables = jax.eval_shape(lambda x: task.model.init(jax.random.PRNGKey(0), x, train=False), images)
+    intermediates = jax.eval_shape(
+        lambda v, x: train._forward(task, v['params'], v.get('batch_stats'), x, True)[1],  # pylint: disable=protected-access
+        variables, images)
+    return int(np.prod(intermediates[layer].shape[1:]))
+
+
+def _product_floor_runner(num_samples: int, num_units: int, steps: int, seed: int = 0):
+    """`steps` chained repetitions of the two products exact CR needs for its value and its gradient.
+
+    The covariance (or, for I > N, Gram) matrix and its product with the centred activations, as
+    penalties.cr runs them: what CR costs at the least, without centring, masks or sums.
+    """
+    from jax import lax
+    gram = penalties.use_gram_form(num_samples, num_units, 1)
+    dot = lambda a, b: jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+
+    def body(z, _):
+        inner = dot(z, z.T) if gram else dot(z.T, z)
+        grad = dot(inner, z) if gram else dot(z, inner)
+        return z + 1e-9 * grad, None  # chains the repetitions so none is skipped
+
+    chained = jax.jit(lambda z: lax.scan(body, z, None, length=steps)[0])
+    z = jnp.asarray(np.random.default_rng(seed).random((num_samples, num_units), dtype=np.float32))
+    return lambda: chained(z)
+
+
+FLOOR = "(CR's 2 products alone)"
+
+
 def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50, repeats: int = 7,
                     batch_size: Optional[int] = None) -> list[dict]:
-    """Median ms/step of each model with no penalty and with each penalty, and their ratio.
+    """Median ms/step of each model with no penalty and with each penalty, their ratio and difference.
 
-    Baseline and penalty chunks are timed alternately and the ratio is the median of per-repeat ratios,
-    so load from other processes on a shared machine affects both sides alike.
+    Baseline and penalty chunks are timed alternately, and the ratio (difference) is the median of
+    per-repeat ratios (differences), so load from other processes on a shared machine affects both sides
+    alike. The FLOOR row times, in the same loop, only the two products CR needs at the layer's shape; its
+    overhead is its time as a share of the baseline step: what exact CR adds at the least.
     """
     import importlib
     rows = []
@@ -190,6 +227,9 @@ def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50
                 if batch_size:
                     config.batch_size = batch_size
                 runners[(name, layer)] = _chunk_runner(config, input_shape, steps)
+        if set(names) & {'cr', 'cw_cr'}:
+            width = _representation_width(base, input_shape, layers[0])
+            runners[(FLOOR, layers[0])] = _product_floor_runner(base.batch_size, width, steps)
         for run in runners.values():
             jax.block_until_ready(run())  # compile
         times = {key: [] for key in runners}
@@ -201,9 +241,11 @@ def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50
         base_times = np.array(times[('none', '')])
         for (name, layer), values in times.items():
             values = np.array(values)
+            added = values if name == FLOOR else values - base_times
             rows.append({'model': model, 'penalty': name, 'layer': layer or '—',
                          'ms_per_step': 1e3 * float(np.median(values)),
-                         'overhead_%': 100.0 * (float(np.median(values / base_times)) - 1.0)})
+                         'added_us': 1e6 * float(np.median(added)),
+                         'overhead_%': 100.0 * float(np.median(added / base_times))})
     return rows
 
 

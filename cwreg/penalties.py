@@ -30,10 +30,10 @@ from the N×N Gram matrix of class-centred activations restricted to same-class 
 ‖Z_kᵀ Z_k‖_F = ‖Z_k Z_kᵀ‖_F. The cheaper form is chosen from the static shapes, so cw-CR on a 65,536-unit
 conv feature map costs about as much as a forward pass of the layer, and no N×I×I tensor is ever built.
 
-Gradients: CR and cw-CR are differentiated with Table 1's closed form, installed as a JVP rule, so
-forward and reverse mode both cost one more product of the forward pass's size (autodiff of the forward
-pass takes two, plus the small products of the class statistics). Higher derivatives are autodiff of the
-rule. The other penalties use plain autodiff. Per-class sums and look-ups are segment sums and gathers on
+Gradients: CR, cw-CR, VR and cw-VR are differentiated with Table 1's closed form, installed as a JVP
+rule, so forward and reverse mode both cost one more product of the forward pass's size for CR/cw-CR
+(autodiff of the forward pass takes two) and an elementwise product for VR/cw-VR, and nothing
+differentiates the class statistics. Higher derivatives are autodiff of the rule. L1R uses autodiff. Per-class sums and look-ups are segment sums and gathers on
 CPU, where thin one-hot products run several times slower, and one-hot products elsewhere.
 
 Multiple devices: with ``axis_name`` set inside ``jax.pmap`` or ``jax.shard_map``, every statistic is that
@@ -198,13 +198,49 @@ def _replicated(value: Array, activations: Array, axis_name: AxisName) -> Array:
   return lax.stop_gradient(value) + (share - lax.stop_gradient(share))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3))
+def _with_table1_gradient(statistic: Callable[..., tuple[Array, Optional[Array]]], z: Array, y: Array,
+                          axis_name: AxisName) -> Array:
+  """``statistic(z, y, axis_name, with_gradient=False)[0]``, differentiated with the gradient it returns.
+
+  ``statistic`` computes a global-batch sum and, with ``with_gradient``, its closed-form gradient for this
+  device's z (Table 1's). Autodiff would also differentiate every product of the forward pass, the class
+  means included, whose share of the gradient is exactly 0. As a JVP rule the closed form serves forward
+  and reverse mode alike, and higher derivatives are autodiff of the rule, which is computed with the
+  means. Labels get no derivative.
+  """
+  return statistic(z, y, axis_name, with_gradient=False)[0]
+
+
+@_with_table1_gradient.defjvp
+def _with_table1_gradient_jvp(statistic, axis_name, primals, tangents):
+  (z, y), (z_dot, _) = primals, tangents
+  value, grad = statistic(z, y, axis_name, with_gradient=True)
+  return value, _psum(jnp.sum(grad * z_dot), axis_name)
+
+
+def _variance_sum(z: Array, y: Array, axis_name: AxisName,
+                  with_gradient: bool) -> tuple[Array, Optional[Array]]:
+  """Σ_k Σ_i v^k_i over the global batch and, if asked, its gradient 2/|S_k| (z_n − μ^k) for this device's z.
+
+  The gradient has no μ terms: the means' share of it is −2/|S_k| Σ_{n∈S_k} (z_n − μ^k) = 0.
+  """
+  centred, counts = _class_centred(z, y, axis_name)
+  inv_counts = 1.0 / jnp.maximum(counts, 1.0)
+  # Σ_i v^k_i = (1/|S_k|) Σ_{n∈S_k} ‖z_n − μ^k‖²: per-sample squared norms summed per class.
+  per_class = _psum(_class_sums(jnp.sum(centred * centred, axis=1), y), axis_name)
+  value = jnp.sum(per_class * inv_counts)
+  if not with_gradient:
+    return value, None
+  if y.shape[1] == 1:
+    return value, (2.0 * inv_counts[0]) * centred
+  return value, _of_own_class(2.0 * inv_counts, y)[:, None] * centred
+
+
 def _variance(z: Array, y: Array, axis_name: AxisName) -> Array:
   """Σ_k Σ_i v^k_i / (K I): the cw-VR form; VR is the K = 1 case."""
   num_classes, num_units = y.shape[1], z.shape[1]
-  centred, counts = _class_centred(z, y, axis_name)
-  # Σ_i v^k_i = (1/|S_k|) Σ_{n∈S_k} ‖z_n − μ^k‖²: per-sample squared norms summed per class.
-  per_class = _psum(_class_sums(jnp.sum(centred * centred, axis=1), y), axis_name)
-  total = jnp.sum(per_class / jnp.maximum(counts, 1.0))
+  total = _with_table1_gradient(_variance_sum, z, y, axis_name)
   return total / (float(num_classes) * float(num_units))
 
 
@@ -228,8 +264,8 @@ def _off_diagonal_mask(num_units: int, dtype) -> Array:
   return 1.0 - jnp.eye(num_units, dtype=dtype)
 
 
-def _off_diagonal_sum(z: Array, y: Array, gram_form: bool, axis_name: AxisName,
-                      with_gradient: bool) -> tuple[Array, Optional[Array]]:
+def _off_diagonal_sum(z: Array, y: Array, axis_name: AxisName, with_gradient: bool, *,
+                      gram_form: bool) -> tuple[Array, Optional[Array]]:
   """Σ_k Σ_{i≠j} (c^k_ij)² over the global batch and, if asked, its gradient for this device's z.
 
   The gradient is Table 1's: it has no μ terms, because the means' share of it is exactly 0 (each
@@ -278,23 +314,9 @@ def _off_diagonal_sum(z: Array, y: Array, gram_form: bool, axis_name: AxisName,
                            precision=_PRECISION)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _off_diagonal(z: Array, y: Array, gram_form: bool, axis_name: AxisName) -> Array:
-  """Σ_k Σ_{i≠j} (c^k_ij)² of the global batch, differentiated with Table 1's closed form.
-
-  Autodiff would differentiate every product of the forward pass (xᵀx twice, the class means, the
-  per-class sums of squares); the closed form costs one product the size of the forward one. As a JVP
-  rule it serves forward and reverse mode alike, and higher derivatives are autodiff of the rule.
-  Labels get no derivative.
-  """
-  return _off_diagonal_sum(z, y, gram_form, axis_name, with_gradient=False)[0]
-
-
-@_off_diagonal.defjvp
-def _off_diagonal_jvp(gram_form, axis_name, primals, tangents):
-  (z, y), (z_dot, _) = primals, tangents
-  value, grad = _off_diagonal_sum(z, y, gram_form, axis_name, with_gradient=True)
-  return value, _psum(jnp.sum(grad * z_dot), axis_name)
+# Module-level (hashable, stable) statistics for the JVP rule's static argument.
+_off_diagonal_sum_gram = functools.partial(_off_diagonal_sum, gram_form=True)
+_off_diagonal_sum_covariance = functools.partial(_off_diagonal_sum, gram_form=False)
 
 
 def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
@@ -303,8 +325,9 @@ def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
   if num_units < 2:  # No pair of distinct units.
     return jnp.zeros((), z.dtype)
   num_samples = z.shape[0] * _axis_size(axis_name)
-  gram_form = use_gram_form(num_samples, num_units, num_classes)
-  total = _off_diagonal(z, y, gram_form, axis_name)
+  statistic = _off_diagonal_sum_gram if use_gram_form(num_samples, num_units, num_classes) else (
+      _off_diagonal_sum_covariance)
+  total = _with_table1_gradient(statistic, z, y, axis_name)
   return total / (float(num_classes) * float(num_units) * float(num_units - 1))
 
 

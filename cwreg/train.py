@@ -178,14 +178,14 @@ def _forward(task: Task, params, batch_stats, images, train: bool):
     return outputs, intermediates, updates.get('batch_stats', batch_stats)
 
 
-def _task_loss(task: Task, outputs, images, labels):
-    """Mean cross-entropy (and #correct) or, for the autoencoder, mean squared error per pixel."""
+def _per_example_loss(task: Task, outputs, images, labels):
+    """Per-example cross-entropy and correctness or, for the autoencoder, squared error per pixel (and 0)."""
+    outputs = outputs.astype(jnp.float32)
     if task.reconstruction:
         targets = images.reshape(images.shape[0], -1)
-        return jnp.mean(jnp.square(outputs.astype(jnp.float32) - targets)), jnp.zeros(())
-    logits = outputs.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, jnp.sum(jnp.argmax(logits, -1) == labels)
+        return jnp.mean(jnp.square(outputs - targets), -1), jnp.zeros(outputs.shape[0], bool)
+    loss = optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+    return loss, jnp.argmax(outputs, -1) == labels
 
 
 def _penalty_value(task: Task, intermediates, labels, axis_name):
@@ -223,7 +223,8 @@ def train_step(task: Task, state: TrainState, images, labels, weights, rng, axis
 
     def objective(params):
         outputs, intermediates, new_batch_stats = _forward(task, params, state.batch_stats, images, True)
-        loss, correct = _task_loss(task, outputs, images, labels)
+        per_example, is_correct = _per_example_loss(task, outputs, images, labels)
+        loss, correct = jnp.mean(per_example), jnp.sum(is_correct)
         penalty = _penalty_value(task, intermediates, labels, axis_name)
         share = (loss + _weight_terms(task, params, weights)) / num_devices + weights['penalty'] * penalty
         return share, (loss, correct, penalty, new_batch_stats)
@@ -270,13 +271,8 @@ def eval_chunk(task: Task, state: TrainState, images, labels, mask, axis_name=AX
     def body(totals, batch):
         x, y, m = batch
         outputs, intermediates, _ = _forward(task, state.params, state.batch_stats, x, False)
-        if task.reconstruction:
-            per_example = jnp.mean(jnp.square(outputs.astype(jnp.float32) - x.reshape(x.shape[0], -1)), -1)
-            correct = jnp.zeros(())
-        else:
-            logits = outputs.astype(jnp.float32)
-            per_example = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-            correct = jnp.sum((jnp.argmax(logits, -1) == y) * m)
+        per_example, is_correct = _per_example_loss(task, outputs, x, y)
+        correct = jnp.sum(is_correct * m)
         # The penalty is a batch statistic: count it on full global batches only.
         full = lax.pmin(jnp.min(m), axis_name)
         penalty = _penalty_value(task, intermediates, y, axis_name)

@@ -36,7 +36,7 @@ def main(argv):
         print(bench.format_table(rows, ['penalty', 'N', 'I', 'K', 'ours_ms', 'masked_ms', 'ratio', 'rel_diff']))
     elif FLAGS.suite == 'train':
         rows = bench.train_step_rows(FLAGS.models, FLAGS.penalties, steps=FLAGS.steps, repeats=FLAGS.repeats)
-        print(bench.format_table(rows, ['model', 'penalty', 'layer', 'ms_per_step', 'overhead_%']))
+        print(bench.format_table(rows, ['model', 'penalty', 'layer', 'ms_per_step', 'added_us', 'overhead_%']))
     elif FLAGS.suite == 'epochs':
         rows = bench.epoch_rows(FLAGS.config, repeats=FLAGS.repeats)
         print(bench.format_table(rows, list(rows[0])))

@@ -1,0 +1,26 @@
+"""The benchmark's train-step table runs and reports what the README's table shows."""
+
+import math
+
+from cwreg import bench
+
+
+def test_train_step_rows_report_overheads_and_the_product_floor():
+    rows = bench.train_step_rows(['mnist_mlp'], ['cr'], steps=3, repeats=2)
+    by_penalty = {row['penalty']: row for row in rows}
+    assert set(by_penalty) == {'none', 'cr', bench.FLOOR}
+    assert by_penalty['none']['overhead_%'] == 0.0 and by_penalty['none']['added_us'] == 0.0
+    for row in rows:
+        assert row['model'] == 'mnist_mlp'
+        assert row['ms_per_step'] > 0 and math.isfinite(row['overhead_%'])
+    # The floor row is a share of the baseline step, not a difference from it.
+    floor = by_penalty[bench.FLOOR]
+    assert floor['layer'] == 'layer5' and floor['added_us'] > 0 and floor['overhead_%'] > 0
+
+
+def test_representation_width_is_the_number_of_units_of_the_layer():
+    import configs.mnist_mlp
+    import configs.cifar10_cnn
+    assert bench._representation_width(configs.mnist_mlp.get_config(''), (28, 28, 1), 'layer5') == 100
+    assert bench._representation_width(configs.cifar10_cnn.get_config(''), (32, 32, 3), 'fc') == 128
+    assert bench._representation_width(configs.cifar10_cnn.get_config(''), (32, 32, 3), 'conv1') == 32 * 32 * 32
