@@ -10,7 +10,7 @@ Scenarios (Table 7 columns): default (50k/60k training images, width 100), size1
 training images), width2, width8 (hidden width). The λ below is the one our λ search picked for the default
 column (docs/results); the sweep searches {0.001, …, 100} itself.
 
-Expected: 22–28 s of training on a 2-core CPU (28–35 s for the whole command, with imports, loading and
+Expected: 22–28 s of training on a 2-core CPU (28–36 s for the whole command, with imports, loading and
 compilation), well under a minute on one GPU; test error ≈ 2.4–2.9 % (paper, default column: baseline
 2.85 ± 0.11, cw-VR 2.42 ± 0.06, cw-CR 2.49 ± 0.10, CR 2.50 ± 0.05, VR 2.65 ± 0.11).
 """

@@ -200,6 +200,7 @@ def _product_floor_runner(num_samples: int, num_units: int, steps: int, seed: in
 
 
 FLOOR = "(CR's 2 products alone)"
+FLOOR_REPETITIONS = 500
 
 
 def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50, repeats: int = 7,
@@ -220,6 +221,7 @@ def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50
         if batch_size:
             base.batch_size = batch_size
         runners = {('none', ''): _chunk_runner(base, input_shape, steps)}
+        iterations = {}  # per call, where it is not `steps`
         for name in names:
             for layer in layers:
                 config = get_config(f'{arg},{name}' if arg else name)
@@ -229,7 +231,10 @@ def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50
                 runners[(name, layer)] = _chunk_runner(config, input_shape, steps)
         if set(names) & {'cr', 'cw_cr'}:
             width = _representation_width(base, input_shape, layers[0])
-            runners[(FLOOR, layers[0])] = _product_floor_runner(base.batch_size, width, steps)
+            # Enough repetitions per call that dispatch is negligible, even when a chunk has few steps.
+            iterations[(FLOOR, layers[0])] = max(steps, FLOOR_REPETITIONS)
+            runners[(FLOOR, layers[0])] = _product_floor_runner(base.batch_size, width,
+                                                                iterations[(FLOOR, layers[0])])
         for run in runners.values():
             jax.block_until_ready(run())  # compile
         times = {key: [] for key in runners}
@@ -237,7 +242,7 @@ def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50
             for key, run in runners.items():
                 t0 = time.perf_counter()
                 jax.block_until_ready(run())
-                times[key].append((time.perf_counter() - t0) / steps)
+                times[key].append((time.perf_counter() - t0) / iterations.get(key, steps))
         base_times = np.array(times[('none', '')])
         for (name, layer), values in times.items():
             values = np.array(values)
