@@ -173,9 +173,9 @@ def _representation_width(config, input_shape: tuple[int, ...], layer: str) -> i
     task = train.Task.from_config(config, 10)
     images = jax.ShapeDtypeStruct((config.batch_size,) + input_shape, jnp.float32)
     variables = jax.eval_shape(lambda x: task.model.init(jax.random.PRNGKey(0), x, train=False), images)
+    forward = train._forward  # pylint: disable=protected-access
     intermediates = jax.eval_shape(
-        lambda v, x: train._forward(task, v['params'], v.get('batch_stats'), x, True)[1],  # pylint: disable=protected-access
-        variables, images)
+        lambda v, x: forward(task, v['params'], v.get('batch_stats'), x, True)[1], variables, images)
     return int(np.prod(intermediates[layer].shape[1:]))
 
 

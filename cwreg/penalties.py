@@ -33,8 +33,9 @@ conv feature map costs about as much as a forward pass of the layer, and no N×I
 Gradients: CR, cw-CR, VR and cw-VR are differentiated with Table 1's closed form, installed as a JVP
 rule, so forward and reverse mode both cost one more product of the forward pass's size for CR/cw-CR
 (autodiff of the forward pass takes two) and an elementwise product for VR/cw-VR, and nothing
-differentiates the class statistics. Higher derivatives are autodiff of the rule. L1R uses autodiff. Per-class sums and look-ups are segment sums and gathers on
-CPU, where thin one-hot products run several times slower, and one-hot products elsewhere.
+differentiates the class statistics. Higher derivatives are autodiff of the rule. L1R uses autodiff.
+Per-class sums and look-ups are segment sums and gathers on CPU, where thin one-hot products run several
+times slower, and one-hot products elsewhere.
 
 Multiple devices: with ``axis_name`` set inside ``jax.pmap`` or ``jax.shard_map``, every statistic is that
 of the global batch (all devices along the axis). The returned value is identical on every device and
@@ -221,7 +222,7 @@ def _with_table1_gradient_jvp(statistic, axis_name, primals, tangents):
 
 def _variance_sum(z: Array, y: Array, axis_name: AxisName,
                   with_gradient: bool) -> tuple[Array, Optional[Array]]:
-  """Σ_k Σ_i v^k_i over the global batch and, if asked, its gradient 2/|S_k| (z_n − μ^k) for this device's z.
+  """Σ_k Σ_i v^k_i over the global batch and, if asked, its gradient 2/|S_k| (z_n − μ^k) for this device.
 
   The gradient has no μ terms: the means' share of it is −2/|S_k| Σ_{n∈S_k} (z_n − μ^k) = 0.
   """
@@ -232,7 +233,7 @@ def _variance_sum(z: Array, y: Array, axis_name: AxisName,
   value = jnp.sum(per_class * inv_counts)
   if not with_gradient:
     return value, None
-  if y.shape[1] == 1:
+  if y.shape[1] == 1:  # One static count: no per-sample look-up.
     return value, (2.0 * inv_counts[0]) * centred
   return value, _of_own_class(2.0 * inv_counts, y)[:, None] * centred
 

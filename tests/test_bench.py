@@ -22,5 +22,6 @@ def test_representation_width_is_the_number_of_units_of_the_layer():
     import configs.mnist_mlp
     import configs.cifar10_cnn
     assert bench._representation_width(configs.mnist_mlp.get_config(''), (28, 28, 1), 'layer5') == 100
-    assert bench._representation_width(configs.cifar10_cnn.get_config(''), (32, 32, 3), 'fc') == 128
-    assert bench._representation_width(configs.cifar10_cnn.get_config(''), (32, 32, 3), 'conv1') == 32 * 32 * 32
+    cnn = configs.cifar10_cnn.get_config('')
+    assert bench._representation_width(cnn, (32, 32, 3), 'fc') == 128
+    assert bench._representation_width(cnn, (32, 32, 3), 'conv1') == 32 * 32 * 32
