@@ -11,7 +11,8 @@ activation and S_k the samples of class k::
     ∂Ω_cw-VR/∂z_in = 2 / (K I |S_k|)      (z_in − μ^k_i),                  n ∈ S_k
     ∂Ω_L1R/∂z_in   = sign(z_in) / (N I)   (the subgradient 0 at z_in = 0)
 
-They exist to check ``jax.grad`` of the penalties and to explain the regularizers: VR pulls each activation
+With weighted labels (module docstring of :mod:`cwreg.penalties`), 1/|S_k| is w_nk/W_k and every class
+a sample has weight in contributes, centred at its own mean. They exist to check ``jax.grad`` of the penalties and to explain the regularizers: VR pulls each activation
 towards its unit's mean, cw-VR towards its class mean; CR and cw-CR do the same weighted by the covariances
 c_ij. They are written from the formulas (per-class I×I covariance matrices), not for speed: use them on
 layers of up to a few thousand units. (The penalties differentiate CR, cw-CR, VR and cw-VR with the same
@@ -29,81 +30,96 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cwreg.penalties import AxisName, _as_labels, _as_units, _axis_size, _psum, _single_class
+from cwreg import labels as labels_lib
+from cwreg.labels import AxisName, axis_size, psum
 
 Array = jax.Array
 _PRECISION = lax.Precision.HIGHEST
 
 
-def _statistics(z: Array, y: Array, axis_name: AxisName) -> tuple[Array, Array, Array]:
-  """Eqs. (4)–(5) over the global batch.
+def _weights(activations, labels, num_classes, where, name: Optional[str]) -> tuple[Array, Array]:
+  """(N, I) activations and dense (N, K) weights: one-hot rows for ids, the mask applied (K = 1: all-class)."""
+  z = labels_lib.as_units(activations)
+  mask = labels_lib.as_mask(where, z.shape[0])
+  if name is None:
+    weights = jnp.ones((z.shape[0], 1), z.dtype)
+    return z, weights if mask is None else weights * mask[:, None]
+  read, k = labels_lib.as_labels(labels, z.shape[0], num_classes, mask, name, z.dtype)
+  weights = labels_lib.one_hot(read.ids, k, z.dtype) if read.weights is None else read.weights
+  return z, weights
+
+
+def _statistics(z: Array, w: Array, axis_name: AxisName) -> tuple[Array, Array, Array]:
+  """Weighted eqs. (4)–(5) over the global batch, one class at a time.
 
   Returns:
-    centred (N, I): z_n − μ^{k(n)}; counts (K,): |S_k|; covariances (K, I, I): c^k_ij (0 for absent k).
+    centred (K, N, I): z_n − μ^k; counts (K,): W_k; covariances (K, I, I): c^k_ij (0 for empty k).
   """
-  counts = _psum(jnp.sum(y, axis=0), axis_name)
-  safe_counts = jnp.maximum(counts, 1.0)
-  means = _psum(jnp.einsum('nk,ni->ki', y, z, precision=_PRECISION), axis_name) / safe_counts[:, None]
-  centred = z - jnp.einsum('nk,ki->ni', y, means, precision=_PRECISION)
-  scatter = _psum(jnp.einsum('nk,ni,nj->kij', y, centred, centred, precision=_PRECISION), axis_name)
+  counts = psum(jnp.sum(w, axis=0), axis_name)
+  safe_counts = jnp.where(counts > 0, counts, 1.0)
+  means = psum(jnp.einsum('nk,ni->ki', w, z, precision=_PRECISION), axis_name) / safe_counts[:, None]
+  centred = jnp.where((w.T > 0)[:, :, None], z[None] - means[:, None, :], 0)
+  scatter = psum(jnp.einsum('kn,kni,knj->kij', w.T, centred, centred, precision=_PRECISION), axis_name)
   return centred, counts, scatter / safe_counts[:, None, None]
 
 
-def _covariance_gradient(activations: chex.Array, y: Array, axis_name: AxisName) -> Array:
-  z = _as_units(activations)
-  num_classes, num_units = y.shape[1], z.shape[1]
+def _covariance_gradient(activations, w: Array, z: Array, axis_name: AxisName) -> Array:
+  num_classes, num_units = w.shape[1], z.shape[1]
   if num_units < 2:
     return jnp.zeros_like(activations)
-  centred, counts, covariances = _statistics(z, y, axis_name)
+  centred, counts, covariances = _statistics(z, w, axis_name)
   off_diagonal = covariances * (1.0 - jnp.eye(num_units, dtype=z.dtype))
-  # Σ_{j≠i} c^k_ij (z_jn − μ^k_j) for the class k of sample n, scaled by 1/|S_k|.
-  scale = 4.0 / (num_classes * num_units * (num_units - 1.0) * jnp.maximum(counts, 1.0))
-  grad = jnp.einsum('nk,kij,nj->ni', y * scale, off_diagonal, centred, precision=_PRECISION)
+  # Σ_k w_nk/W_k Σ_{j≠i} c^k_ij (z_jn − μ^k_j).
+  scale = 4.0 / (num_classes * num_units * (num_units - 1.0) * jnp.where(counts > 0, counts, 1.0))
+  grad = jnp.einsum('nk,kij,knj->ni', w * scale, off_diagonal, centred, precision=_PRECISION)
   return grad.reshape(activations.shape).astype(activations.dtype)
 
 
-def _variance_gradient(activations: chex.Array, y: Array, axis_name: AxisName) -> Array:
-  z = _as_units(activations)
-  num_classes, num_units = y.shape[1], z.shape[1]
-  centred, counts, _ = _statistics(z, y, axis_name)
-  scale = 2.0 / (num_classes * num_units * jnp.maximum(counts, 1.0))
-  grad = centred * jnp.einsum('nk,k->n', y, scale)[:, None]
+def _variance_gradient(activations, w: Array, z: Array, axis_name: AxisName) -> Array:
+  num_classes, num_units = w.shape[1], z.shape[1]
+  centred, counts, _ = _statistics(z, w, axis_name)
+  scale = 2.0 / (num_classes * num_units * jnp.where(counts > 0, counts, 1.0))
+  grad = jnp.einsum('nk,kni->ni', w * scale, centred, precision=_PRECISION)
   return grad.reshape(activations.shape).astype(activations.dtype)
 
 
-def cr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
-       axis_name: AxisName = None) -> Array:
+def cr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
+       where: Optional[chex.Array] = None, axis_name: AxisName = None) -> Array:
   """∂Ω_CR/∂z = 4/(N I(I−1)) Σ_{j≠i} c_ij (z_jn − μ_j); labels are ignored."""
-  del one_hot_labels
-  return _covariance_gradient(activations, _single_class(_as_units(activations)), axis_name)
+  del labels, num_classes
+  z, w = _weights(activations, None, None, where, None)
+  return _covariance_gradient(activations, w, z, axis_name)
 
 
-def cw_cr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
+def cw_cr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
+          num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
           axis_name: AxisName = None) -> Array:
   """∂Ω_cw-CR/∂z = 4/(K I(I−1)|S_k|) Σ_{j≠i} c^k_ij (z_jn − μ^k_j), n ∈ S_k."""
-  y = _as_labels(one_hot_labels, _as_units(activations), 'cw_cr')
-  return _covariance_gradient(activations, y, axis_name)
+  z, w = _weights(activations, labels, num_classes, where, 'cw_cr')
+  return _covariance_gradient(activations, w, z, axis_name)
 
 
-def vr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
-       axis_name: AxisName = None) -> Array:
+def vr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
+       where: Optional[chex.Array] = None, axis_name: AxisName = None) -> Array:
   """∂Ω_VR/∂z = 2/(N I) (z_in − μ_i); labels are ignored."""
-  del one_hot_labels
-  return _variance_gradient(activations, _single_class(_as_units(activations)), axis_name)
+  del labels, num_classes
+  z, w = _weights(activations, None, None, where, None)
+  return _variance_gradient(activations, w, z, axis_name)
 
 
-def cw_vr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
+def cw_vr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
+          num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
           axis_name: AxisName = None) -> Array:
   """∂Ω_cw-VR/∂z = 2/(K I |S_k|) (z_in − μ^k_i), n ∈ S_k."""
-  y = _as_labels(one_hot_labels, _as_units(activations), 'cw_vr')
-  return _variance_gradient(activations, y, axis_name)
+  z, w = _weights(activations, labels, num_classes, where, 'cw_vr')
+  return _variance_gradient(activations, w, z, axis_name)
 
 
-def l1r(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
-        axis_name: AxisName = None) -> Array:
-  """∂Ω_L1R/∂z = sign(z_in)/(N I), N the global batch size; labels are ignored."""
-  del one_hot_labels
-  z = _as_units(activations)
-  num_samples = z.shape[0] * _axis_size(axis_name)
-  grad = jnp.sign(z) / (float(num_samples) * float(z.shape[1]))
+def l1r(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
+        where: Optional[chex.Array] = None, axis_name: AxisName = None) -> Array:
+  """∂Ω_L1R/∂z = sign(z_in)/(N I), N the global count of unmasked samples; labels are ignored."""
+  del labels, num_classes
+  z, w = _weights(activations, None, None, where, None)
+  count = jnp.maximum(psum(jnp.sum(w), axis_name), 1.0)
+  grad = w * jnp.sign(z) / (count * float(z.shape[1]))
   return grad.reshape(activations.shape).astype(activations.dtype)

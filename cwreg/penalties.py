@@ -1,46 +1,82 @@
 """Representation and weight penalties of Choi & Rhee (AAAI 2019).
 
-All representation penalties share one signature::
+All five representation penalties share one signature::
 
-    penalty(activations, one_hot_labels=None, *, axis_name=None) -> scalar (float32, or float64 for f64 input)
+    penalty(activations, labels=None, *, num_classes=None, where=None, axis_name=None,
+            grad_reduction='pmean', precision=lax.Precision.HIGHEST) -> scalar
 
 ``activations`` has shape ``(N, ...)`` and is flattened to ``(N, I)`` with ``I`` the product of the
-non-batch dimensions (every H·W·C position of a conv feature map is a unit, as in the paper).
-``one_hot_labels`` has shape ``(N, K)`` with ``K`` the number of classes of the dataset (absent classes
-included); every row is one-hot (with K = 1, the whole batch is one class). Statistics are mini-batch
-statistics with the paper's ``1/N`` (per class ``1/|S_k|``), eqs. (1)–(6)::
+non-batch dimensions (every H·W·C position of a conv feature map is a unit, as in the paper). The result
+is float32 (float64 for float64 activations; bf16/f16 are accumulated in float32).
 
-    μ_i = 1/N Σ_n z_in                 c_ij = 1/N Σ_n (z_in − μ_i)(z_jn − μ_j)        v_i = c_ii
-    μ^k_i = 1/|S_k| Σ_{n∈S_k} z_in     c^k_ij = 1/|S_k| Σ_{n∈S_k} (z_in − μ^k_i)(z_jn − μ^k_j)
+Labels (used by cw-CR and cw-VR; CR, VR and L1R accept and ignore them) come in the forms pipelines make:
 
-Normalization follows the authors' released code (it equals Table 1 except for CR/cw-CR, where Table 1's
-printed 2/(I(I−1)) prefactor disagrees with Table 1's own gradient by a factor 2; code and gradient agree)::
+* integer class ids of shape ``(N,)`` with the static keyword ``num_classes=K``: the fastest form;
+* one-hot rows of shape ``(N, K)``, float or bool;
+* non-negative per-class weights of shape ``(N, K)``, e.g. mixup targets.
+
+K is the number of classes of the dataset, absent classes included. An id outside ``[0, K)`` (e.g. −1
+padding) and an all-zero row (what ``jax.nn.one_hot(-1, K)`` gives) mean "no class": the sample counts in
+no class. ``where`` (bool, shape ``(N,)``, as in ``jnp.sum(..., where=)`` and optax) masks padded samples
+for all five penalties: a masked sample counts in no statistic and no count and gets a zero gradient.
+
+Statistics. With weights w_nk (w_nk ∈ {0, 1} for hard labels, the paper's case) and W_k = Σ_n w_nk::
+
+    μ^k = Σ_n w_nk z_n / W_k        c^k = Σ_n w_nk (z_n − μ^k)(z_n − μ^k)ᵀ / W_k        v^k_i = c^k_ii
+
+For one-hot rows these are the paper's eqs. (4)–(6) with ``1/|S_k|``; the all-class statistics (eqs. (1)–(3),
+``1/N``) are the single class of every unmasked sample. For soft targets (label smoothing, mixup) every
+sample enters every class it has weight in, centred at that class's mean: this is a well-defined weighted
+statistic, but usually not what a user wants. Label smoothing, for example, makes every class's statistics
+those of the whole batch. Pass the hard ids there. Normalization follows the authors' released code. It
+equals Table 1 except for CR/cw-CR, where Table 1's printed 2/(I(I−1)) prefactor disagrees with Table 1's
+own gradient by a factor 2; code and gradient agree::
 
     Ω_CR    = Σ_{i≠j} c_ij² / (I(I−1))              Ω_VR    = Σ_i v_i / I
     Ω_cw-CR = Σ_k Σ_{i≠j} (c^k_ij)² / (K I(I−1))     Ω_cw-VR = Σ_k Σ_i v^k_i / (K I)
     Ω_L1R   = Σ_n Σ_i |z_in| / (N I)
 
-The all-class penalties are the class-wise ones with a single class (K = 1), so each formula lives in one
-place. A class absent from the batch, or with a single sample, contributes exactly 0 (the authors' code
-returns NaN for an absent class). Activations of any float dtype are accumulated in at least f32 (bf16 in
-f32, f64 in f64).
+A class absent from the batch, or with a single sample, contributes exactly 0 (the authors' code returns
+NaN for an absent class).
 
-Wide layers: Σ_k ‖C_k‖²_F is computed either from K per-class I×I covariances (cost K·N·I²) or, exactly,
-from the N×N Gram matrix of class-centred activations restricted to same-class pairs (cost N²·I), since
-‖Z_kᵀ Z_k‖_F = ‖Z_k Z_kᵀ‖_F. The cheaper form is chosen from the static shapes, so cw-CR on a 65,536-unit
-conv feature map costs about as much as a forward pass of the layer, and no N×I×I tensor is ever built.
+Cost and exactness. Σ_k ‖C_k‖²_F is computed either from K per-class I×I covariances (cost K·N·I² on XLA,
+which has no grouped product: a segment-summed or ragged form measured no faster than the one-hot product)
+or from the N×N Gram matrix of class-centred activations restricted to same-class pairs (cost N²·I), since
+‖Z_kᵀ Z_k‖_F = ‖Z_k Z_kᵀ‖_F. The cheaper form is chosen from the static shapes (``use_gram_form``):
 
-Gradients: CR, cw-CR, VR and cw-VR are differentiated with Table 1's closed form, installed as a JVP
-rule, so forward and reverse mode both cost one more product of the forward pass's size for CR/cw-CR
-(autodiff of the forward pass takes two) and an elementwise product for VR/cw-VR, and nothing
-differentiates the class statistics. Higher derivatives are autodiff of the rule. L1R uses autodiff.
-Per-class sums and look-ups are segment sums and gathers on CPU, where thin one-hot products run several
-times slower, and one-hot products elsewhere.
+* The covariance form sums the off-diagonal entries directly. In float32 its value and gradient are within
+  1e-4 relative of float64 when the off-diagonal part is at least 1e-3 of Σ_k ‖C_k‖²_F, and within 1e-7 of
+  that total otherwise (tested).
+* The Gram form subtracts the diagonal from the whole Frobenius norm, so it cancels when the off-diagonal
+  part is small. Its error is at most ``GRAM_FORM_RELATIVE_ERROR`` × Σ_k ‖C_k‖²_F (float32: 2e-6 measured,
+  1e-5 stated and tested on nearly decorrelated and badly scaled inputs), and its gradient is Table 1's
+  at every point, also where the rounded value is clamped at 0. Float64 inputs make it exact to ≈1e-15.
+* Values and gradients are finite wherever the float64 value is finite in float32: second moments are
+  rescaled by powers of 2, which is exact, so results are bitwise those of the unscaled formulas in the
+  normal range. jit and eager agree.
 
-Multiple devices: with ``axis_name`` set inside ``jax.pmap`` or ``jax.shard_map``, every statistic is that
-of the global batch (all devices along the axis). The returned value is identical on every device and
-equals the single-device penalty of the concatenated batch; ``jax.grad`` of it with respect to a device's
-activations is that device's slice of the single-device gradient (see ``_replicated``).
+Products run at ``lax.Precision.HIGHEST`` (exact float32, no TF32 on GPUs); pass ``precision`` to trade
+exactness for speed, as Flax layers allow.
+
+Gradients. CR, cw-CR, VR and cw-VR are differentiated with Table 1's closed form, installed as a JVP rule:
+forward and reverse mode both cost one more product of the forward pass's size for CR/cw-CR and an
+elementwise product for VR/cw-VR, and nothing differentiates the class statistics (their share of the
+gradient is exactly 0). Higher derivatives are autodiff of the rule. Per-class sums and look-ups are
+segment sums and gathers on CPU (thin one-hot products run several times slower there) and one-hot
+products elsewhere; both define the same numbers.
+
+Multiple devices. With ``axis_name`` inside ``jax.pmap`` or ``jax.shard_map`` every statistic and count is
+that of the global batch (all devices along the axis), and the value is identical on every device.
+``grad_reduction`` says how your code combines the per-device parameter gradients:
+
+* ``'pmean'`` (default; the Flax examples' idiom ``grads = lax.pmean(grads, axis_name)`` of a per-device
+  loss ``task_d + λ Ω``): each device's gradient of Ω is D times its slice of the global gradient, so the
+  pmean of the parameter gradients is exactly the single-device gradient of the mean task loss + λΩ.
+* ``'psum'``: each device's gradient is its slice of the global gradient, for code that sums parameter
+  gradients (``lax.psum``) of per-device losses scaled by 1/D.
+
+Without ``axis_name``, ``jax.jit`` over a batch sharded on a mesh computes the global penalty and gradient
+(XLA partitions the computation).
 
 Reference: D. Choi and W. Rhee, "Utilizing Class Information for Deep Network Representation Shaping",
 AAAI 2019, arXiv:1809.09307. CR is DeCov (Cogswell et al., ICLR 2016).
@@ -49,6 +85,7 @@ AAAI 2019, arXiv:1809.09307. CR is DeCov (Cogswell et al., ICLR 2016).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import chex
@@ -57,199 +94,215 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-Array = jax.Array
-AxisName = Optional[Any]
+from cwreg import labels as labels_lib
+from cwreg.labels import AxisName, axis_size, pmax, psum
 
-# f32 matmuls at full precision: on GPUs the default may use TF32, which would make the penalty inexact.
-_PRECISION = lax.Precision.HIGHEST
+Array = jax.Array
+PrecisionLike = Any
+
+DEFAULT_PRECISION = lax.Precision.HIGHEST
+GRAD_REDUCTIONS = ('pmean', 'psum')
+# The Gram form's stated bound on |error| / Σ_k ‖C_k‖²_F in float32 (see the module docstring).
+GRAM_FORM_RELATIVE_ERROR = 1e-5
 
 
 class Penalty(Protocol):
 
-  def __call__(self, activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
-               axis_name: AxisName = None) -> Array:
+  def __call__(self, activations: chex.Array, labels: Optional[chex.Array] = None, *,
+               num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
+               axis_name: AxisName = None, grad_reduction: str = 'pmean',
+               precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
     ...
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared statistics.
+# Class membership: hard labels (ids) or one weighted class.
 
 
-def _dot(a: Array, b: Array) -> Array:
-  return jnp.matmul(a, b, precision=_PRECISION)
+def _pow2_scale(largest: Array) -> Array:
+  """A power of 2 near ``largest`` (≥ 0), so that dividing by it is exact and brings values near 1."""
+  _, exponent = jnp.frexp(largest)
+  return jnp.ldexp(jnp.ones((), largest.dtype), jnp.clip(exponent, -126, 127))
 
 
-def _psum(x: Array, axis_name: AxisName) -> Array:
-  return x if axis_name is None else lax.psum(x, axis_name)
+def _fixed_pow2(n: int) -> float:
+  """2^⌈log2 n⌉: dividing sums of n terms by it keeps them in range, exactly."""
+  return float(2.0 ** math.ceil(math.log2(max(n, 1))))
 
 
-def _axis_size(axis_name: AxisName) -> int:
-  return 1 if axis_name is None else lax.axis_size(axis_name)
+class _HardClasses:
+  """Sample n is in class ids[n], or in none when ids[n] == K (absent, padded or masked)."""
+
+  def __init__(self, ids: Array, num_classes: int, dtype, precision: PrecisionLike):
+    self.ids, self.num_classes, self.dtype, self.precision = ids, num_classes, dtype, precision
+
+  def _one_hot(self, ids: Optional[Array] = None) -> Array:
+    return labels_lib.one_hot(self.ids if ids is None else ids, self.num_classes, self.dtype)
+
+  def _product(self, a: Array, b: Array) -> Array:
+    return jnp.tensordot(a, b, axes=1, precision=self.precision)
+
+  def valid(self) -> Array:
+    return self.ids < self.num_classes
+
+  def sums(self, values: Array) -> Array:
+    """Σ_{n∈S_k} values_n: (N, ...) -> (K, ...)."""
+    num_classes = self.num_classes
+
+    def by_product(v, ids):
+      # Masked rows may hold anything (even NaN): the product must not see them.
+      v = jnp.where(self._expand(ids < num_classes, v), v, 0)
+      return self._product(self._one_hot(ids).T, v)
+
+    if num_classes == 1:  # XLA:CPU sums over the leading axis of a wide array up to 40× slower.
+      return by_product(values, self.ids)
+    return lax.platform_dependent(
+        values, self.ids, default=by_product,
+        cpu=lambda v, ids: jax.ops.segment_sum(v, ids, num_segments=num_classes))
+
+  @staticmethod
+  def _expand(mask: Array, like: Array) -> Array:
+    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
+
+  def lookup(self, class_values: Array) -> Array:
+    """The entry of each sample's class, 0 for no class: (K, ...) -> (N, ...)."""
+    by_product = lambda v, ids: self._product(self._one_hot(ids), v)
+    if self.num_classes == 1:
+      return by_product(class_values, self.ids)
+    return lax.platform_dependent(
+        class_values, self.ids, default=by_product,
+        cpu=lambda v, ids: jnp.take(v, ids, axis=0, mode='fill', fill_value=0))
+
+  def counts(self, axis_name: AxisName) -> Array:
+    return psum(self.sums(jnp.ones(self.ids.shape, self.dtype)), axis_name)
+
+  def centre(self, z: Array, means: Array) -> Array:
+    return jnp.where(self.valid()[:, None], z - self.lookup(means), 0)
+
+  def scale_rows(self, class_values: Array, x: Array) -> Array:
+    """x_n times its class's entry of class_values ((K,) or (K, I)); 0 for no class."""
+    per_sample = self.lookup(class_values)
+    return (per_sample[:, None] if per_sample.ndim == 1 else per_sample) * x
+
+  def gathered(self, axis_name: AxisName) -> '_HardClasses':
+    ids = lax.all_gather(self.ids, axis_name, tiled=True)
+    return _HardClasses(ids, self.num_classes, self.dtype, self.precision)
+
+  def pair_weights(self, class_values: Array, others: '_HardClasses') -> Array:
+    """(N, M): class_values[k] where sample n and sample m of ``others`` are both in class k, else 0."""
+    k = self.num_classes
+
+    def same_index(ids, other_ids):
+      same = (ids[:, None] == other_ids[None, :]) & (ids < k)[:, None]
+      return same.astype(self.dtype)
+
+    if k == 1:
+      same = self._product(self._one_hot(), self._one_hot(others.ids).T)
+    else:
+      same = lax.platform_dependent(
+          self.ids, others.ids, cpu=same_index,
+          default=lambda a, b: self._product(self._one_hot(a), self._one_hot(b).T))
+    return self.lookup(class_values)[:, None] * same
+
+  def scatter(self, centred: Array) -> Array:
+    """Σ_{n∈S_k} x_n x_nᵀ: (K, I, I). Rows outside every class are 0 in ``centred``."""
+    if self.num_classes == 1:
+      return jnp.matmul(centred.T, centred, precision=self.precision)[None]
+    return jnp.einsum('nk,ni,nj->kij', self._one_hot(), centred, centred, precision=self.precision)
+
+  def apply(self, scale: Array, matrices: Array, centred: Array) -> Array:
+    """scale_k Σ_j M^k_ij x_jn for the class k of each sample n: (N, I); scale has shape (K,)."""
+    if self.num_classes == 1:
+      return jnp.matmul(centred, scale[0] * matrices[0], precision=self.precision)
+    return jnp.einsum('nk,kij,nj->ni', scale * self._one_hot(), matrices, centred,
+                      precision=self.precision)
 
 
-def _as_units(activations: chex.Array) -> Array:
-  """(N, ...) -> (N, I) in float32 or wider."""
-  activations = jnp.asarray(activations)
-  if activations.ndim < 2:
-    raise ValueError(
-        f'activations must have shape (N, ...) with at least one unit dimension, got shape '
-        f'{activations.shape}.')
-  chex.assert_type(activations, float)
-  # bf16/f16 accumulate in f32; f64 (with jax_enable_x64) stays f64.
-  dtype = jnp.promote_types(activations.dtype, jnp.float32)
-  return activations.reshape(activations.shape[0], -1).astype(dtype)
+class _OneClass:
+  """Every sample in one class, sample n with weight w_n (None: all 1, and the count is static)."""
+
+  num_classes = 1
+
+  def __init__(self, weights: Optional[Array], num_samples: int, dtype, precision: PrecisionLike):
+    self.weights, self.num_samples, self.dtype, self.precision = weights, num_samples, dtype, precision
+
+  def _column(self) -> Array:
+    if self.weights is None:
+      return jnp.ones((self.num_samples, 1), self.dtype)
+    return self.weights[:, None]
+
+  def valid(self) -> Optional[Array]:
+    return None if self.weights is None else self.weights > 0
+
+  def sums(self, values: Array) -> Array:
+    # A product with the column, not jnp.sum: XLA:CPU's leading-axis sums of wide arrays are slow.
+    return jnp.tensordot(self._column().T, values, axes=1, precision=self.precision)
+
+  def counts(self, axis_name: AxisName) -> Array:
+    if self.weights is None:
+      return jnp.full((1,), self.num_samples * axis_size(axis_name), self.dtype)
+    return psum(jnp.sum(self.weights, keepdims=True), axis_name)
+
+  def centre(self, z: Array, means: Array) -> Array:
+    centred = z - means[0]
+    return centred if self.weights is None else jnp.where(self.valid()[:, None], centred, 0)
+
+  def scale_rows(self, class_values: Array, x: Array) -> Array:
+    scaled = class_values[0] * x
+    return scaled if self.weights is None else self.weights[:, None] * scaled
+
+  def gathered(self, axis_name: AxisName) -> '_OneClass':
+    weights = None if self.weights is None else lax.all_gather(self.weights, axis_name, tiled=True)
+    return _OneClass(weights, self.num_samples * axis_size(axis_name), self.dtype, self.precision)
+
+  def pair_weights(self, class_values: Array, others: '_OneClass') -> Array:
+    if self.weights is None:
+      return class_values[0]  # The same for every pair: a scalar broadcasts.
+    return class_values[0] * self.weights[:, None] * others.weights[None, :]
+
+  def scatter(self, centred: Array) -> Array:
+    left = centred if self.weights is None else self.weights[:, None] * centred
+    return jnp.matmul(left.T, centred, precision=self.precision)[None]
+
+  def apply(self, scale: Array, matrices: Array, centred: Array) -> Array:
+    out = jnp.matmul(centred, scale[0] * matrices[0], precision=self.precision)
+    return out if self.weights is None else self.weights[:, None] * out
 
 
-def _as_labels(one_hot_labels: Optional[chex.Array], z: Array, name: str) -> Array:
-  if one_hot_labels is None:
-    raise ValueError(f'{name} is a class-wise penalty: it needs one_hot_labels of shape (N, K).')
-  one_hot_labels = jnp.asarray(one_hot_labels)
-  chex.assert_rank(one_hot_labels, 2)
-  chex.assert_equal_shape_prefix((z, one_hot_labels), prefix_len=1)
-  return one_hot_labels.astype(z.dtype)
+# ----------------------------------------------------------------------------------------------------------
+# Statistics: the global-batch value and, if asked, Table 1's gradient for this device's z.
 
 
-@jax.custom_jvp
-def _abs(x: Array) -> Array:
-  """|x| whose derivative is sign(x), 0 at 0 as in Table 1's L1R gradient (jax.grad(jnp.abs)(0.) is 1)."""
-  return jnp.abs(x)
+def _class_centred(members, z: Array, axis_name: AxisName) -> tuple[Array, Array]:
+  """(z_n − μ^{k(n)}, 0 outside every class) and 1/W_k (0-safe: an empty class has no members)."""
+  counts = members.counts(axis_name)
+  inv_counts = 1.0 / jnp.where(counts > 0, counts, 1.0)
+  means = psum(members.sums(z), axis_name) * inv_counts[:, None]
+  return members.centre(z, means), inv_counts
 
 
-@_abs.defjvp
-def _abs_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  return jnp.abs(x), jnp.sign(x) * dx
-
-
-def _single_class(z: Array) -> Array:
-  return jnp.ones((z.shape[0], 1), z.dtype)
-
-
-# Per-class sums and look-ups. One-hot products are the portable form. XLA:CPU runs thin products (K ≪ N, I)
-# several times slower than segment sums and gathers, so it gets those, except for K = 1: there the product
-# with the column of ones stays, because XLA:CPU sums over the leading axis of a wide array (a plain sum, or
-# the transpose of a broadcast) up to 40× slower (32 ms vs 0.7 ms at 100×65536).
-
-
-def _class_sums(values: Array, y: Array) -> Array:
-  """Σ_{n∈S_k} values_n for every class k: (N, ...) -> (K, ...)."""
-  by_product = lambda v, y: jnp.tensordot(y.T, v, axes=1, precision=_PRECISION)
-  if y.shape[1] == 1:
-    return by_product(values, y)
-  return lax.platform_dependent(
-      values, y, default=by_product,
-      cpu=lambda v, y: jax.ops.segment_sum(v, jnp.argmax(y, axis=1), num_segments=y.shape[1]))
-
-
-def _of_own_class(class_values: Array, y: Array) -> Array:
-  """The entry of each sample's class: (K, ...) -> (N, ...)."""
-  by_product = lambda v, y: jnp.tensordot(y, v, axes=1, precision=_PRECISION)
-  if y.shape[1] == 1:
-    return by_product(class_values, y)
-  return lax.platform_dependent(class_values, y, default=by_product,
-                                cpu=lambda v, y: v[jnp.argmax(y, axis=1)])
-
-
-def _same_class(y: Array, other_y: Array) -> Array:
-  """(N, M) indicator that sample n of y and sample m of other_y share a class."""
-  if y.shape[1] == 1:
-    return jnp.ones((y.shape[0], other_y.shape[0]), y.dtype)
-  same_index = lambda a, b: jnp.argmax(a, axis=1)[:, None] == jnp.argmax(b, axis=1)[None, :]
-  return lax.platform_dependent(y, other_y, default=lambda a, b: _dot(a, b.T),
-                                cpu=lambda a, b: same_index(a, b).astype(a.dtype))
-
-
-def _class_centred(z: Array, y: Array, axis_name: AxisName) -> tuple[Array, Array]:
-  """Subtracts from each sample the mean of its class (global batch).
-
-  Args:
-    z: (N, I) activations.
-    y: (N, K) one-hot labels.
-    axis_name: optional mapped axis over which the batch is split.
-
-  Returns:
-    (z − μ^{k(n)}) of shape (N, I), and the class counts |S_k| of shape (K,).
-  """
-  if y.shape[1] == 1:  # One class holds the whole batch: its size is static.
-    counts = jnp.full((1,), z.shape[0] * _axis_size(axis_name), z.dtype)
-  else:
-    counts = _psum(jnp.sum(y, axis=0), axis_name)
-  # max(·, 1): an absent class has a zero sum and no members, so its (unused) mean is 0, not NaN.
-  means = _psum(_class_sums(z, y), axis_name) / jnp.maximum(counts, 1.0)[:, None]
-  return z - _of_own_class(means, y), counts
-
-
-def _replicated(value: Array, activations: Array, axis_name: AxisName) -> Array:
-  """Returns ``value`` (already global) with the gradient of the global penalty on each device.
-
-  Under ``jax.pmap`` (and ``shard_map(check_vma=False)``) psum transposes to psum, so ``jax.grad`` of a
-  value replicated over D devices gives D times the gradient of the global penalty on each device. Handing
-  autodiff the share value/D (while returning the value itself) gives exactly the global gradient. Under
-  ``shard_map`` with varying-axis tracking, the replicated value is typed as such and autodiff is already
-  exact, so nothing is changed there.
-  """
-  if axis_name is None:
-    return value
-  manual = getattr(jax.typeof(activations), 'manual_axis_type', None)
-  varying = getattr(manual, 'varying', frozenset())
-  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
-  if all(name in varying for name in names):
-    return value
-  share = value / _axis_size(axis_name)
-  return lax.stop_gradient(value) + (share - lax.stop_gradient(share))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3))
-def _with_table1_gradient(statistic: Callable[..., tuple[Array, Optional[Array]]], z: Array, y: Array,
-                          axis_name: AxisName) -> Array:
-  """``statistic(z, y, axis_name, with_gradient=False)[0]``, differentiated with the gradient it returns.
-
-  ``statistic`` computes a global-batch sum and, with ``with_gradient``, its closed-form gradient for this
-  device's z (Table 1's). Autodiff would also differentiate every product of the forward pass, the class
-  means included, whose share of the gradient is exactly 0. As a JVP rule the closed form serves forward
-  and reverse mode alike, and higher derivatives are autodiff of the rule, which is computed with the
-  means. Labels get no derivative.
-  """
-  return statistic(z, y, axis_name, with_gradient=False)[0]
-
-
-@_with_table1_gradient.defjvp
-def _with_table1_gradient_jvp(statistic, axis_name, primals, tangents):
-  (z, y), (z_dot, _) = primals, tangents
-  value, grad = statistic(z, y, axis_name, with_gradient=True)
-  return value, _psum(jnp.sum(grad * z_dot), axis_name)
-
-
-def _variance_sum(z: Array, y: Array, axis_name: AxisName,
+def _variance_sum(members, z: Array, axis_name: AxisName, divisor: float,
                   with_gradient: bool) -> tuple[Array, Optional[Array]]:
-  """Σ_k Σ_i v^k_i over the global batch and, if asked, its gradient 2/|S_k| (z_n − μ^k) for this device.
+  """Σ_k Σ_i v^k_i / divisor and, if asked, the gradient 2 w_nk/W_k (z_n − μ^k) of the sum.
 
-  The gradient has no μ terms: the means' share of it is −2/|S_k| Σ_{n∈S_k} (z_n − μ^k) = 0.
+  The gradient has no μ terms: the means' share of it is −2/W_k Σ_n w_nk (z_n − μ^k) = 0.
   """
-  centred, counts = _class_centred(z, y, axis_name)
-  inv_counts = 1.0 / jnp.maximum(counts, 1.0)
-  # Σ_i v^k_i = (1/|S_k|) Σ_{n∈S_k} ‖z_n − μ^k‖²: per-sample squared norms summed per class.
-  per_class = _psum(_class_sums(jnp.sum(centred * centred, axis=1), y), axis_name)
-  value = jnp.sum(per_class * inv_counts)
+  centred, inv_counts = _class_centred(members, z, axis_name)
+  # Dividing each square by 2^⌈log2(N I)⌉ before summing keeps every sum in range, exactly.
+  shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name) * z.shape[1])
+  squares = jnp.sum(centred * centred * (1.0 / shrink), axis=1)
+  per_class = psum(members.sums(squares), axis_name)
+  value = (jnp.sum(per_class * inv_counts) / divisor) * shrink
   if not with_gradient:
     return value, None
-  if y.shape[1] == 1:  # One static count: no per-sample look-up.
-    return value, (2.0 * inv_counts[0]) * centred
-  return value, _of_own_class(2.0 * inv_counts, y)[:, None] * centred
-
-
-def _variance(z: Array, y: Array, axis_name: AxisName) -> Array:
-  """Σ_k Σ_i v^k_i / (K I): the cw-VR form; VR is the K = 1 case."""
-  num_classes, num_units = y.shape[1], z.shape[1]
-  total = _with_table1_gradient(_variance_sum, z, y, axis_name)
-  return total / (float(num_classes) * float(num_units))
+  return value, members.scale_rows(2.0 * inv_counts, centred)
 
 
 def use_gram_form(num_samples: int, num_units: int, num_classes: int) -> bool:
   """Whether the N×N Gram form of Σ_k ‖C_k‖²_F is cheaper than K per-class I×I covariances.
 
   The covariance form costs K·N·I² flops and K·I² memory, the Gram form N²·I flops and N² memory
-  (N = global batch size).
+  (N = global batch size). Only the covariance form is free of cancellation (module docstring).
   """
   return num_samples * num_samples < num_classes * num_samples * num_units
 
@@ -265,194 +318,338 @@ def _off_diagonal_mask(num_units: int, dtype) -> Array:
   return 1.0 - jnp.eye(num_units, dtype=dtype)
 
 
-def _off_diagonal_sum(z: Array, y: Array, axis_name: AxisName, with_gradient: bool, *,
-                      gram_form: bool) -> tuple[Array, Optional[Array]]:
-  """Σ_k Σ_{i≠j} (c^k_ij)² over the global batch and, if asked, its gradient for this device's z.
+def _off_diagonal_by_covariance(members, z: Array, axis_name: AxisName, divisor: float,
+                                with_gradient: bool) -> tuple[Array, Optional[Array]]:
+  """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from per-class covariances (no cancellation), and its gradient.
 
-  The gradient is Table 1's: it has no μ terms, because the means' share of it is exactly 0 (each
-  class's gradient is a linear map of its centred activations, which sum to 0 over the class).
+  The gradient (4 w_nk/W_k) Σ_{j≠i} c^k_ij (z_jn − μ^k_j) has no μ terms: each class's gradient is a
+  linear map of its centred activations, whose weighted sum is 0.
   """
-  num_units = z.shape[1]
-  centred, counts = _class_centred(z, y, axis_name)
-  inv_counts = 1.0 / jnp.maximum(counts, 1.0)
-  if gram_form:
-    # ‖C_k‖²_F = (1/|S_k|²) Σ_{n,m∈S_k} ⟨x_n, x_m⟩²: same-class entries of the Gram matrix.
-    if _axis_size(axis_name) == 1:
-      others, other_labels = centred, y
-    else:
-      others = lax.all_gather(centred, axis_name, tiled=True)
-      other_labels = lax.all_gather(y, axis_name, tiled=True)
-    gram = _dot(centred, others.T)
-    # a_nm = 1/|S_k|² if n and m are both in class k, else 0.
-    pair_weights = _of_own_class(inv_counts * inv_counts, y)[:, None] * _same_class(y, other_labels)
-    weighted = pair_weights * gram
-    frobenius = _psum(jnp.sum(weighted * gram), axis_name)
-    # Remove the diagonal Σ_k Σ_i (c^k_ii)², from per-class sums of squares (K×I, never K×I×I).
-    variances = _psum(_class_sums(centred * centred, y), axis_name) * inv_counts[:, None]
-    difference = frobenius - jnp.sum(variances * variances)
-    # A sum of squares: clamp the rounding error of the difference (≈1e-7 relative) at 0.
-    value = jnp.maximum(difference, 0.0)
-    if not with_gradient:
-      return value, None
-    # ∂/∂x_n = 4 Σ_m a_nm ⟨x_n, x_m⟩ x_m − 4 (c^k_ii/|S_k|)_i ∘ x_n, m over the global batch, n ∈ S_k.
-    diagonal = _of_own_class(inv_counts[:, None] * variances, y) * centred
-    grad = (4.0 * (difference > 0).astype(z.dtype)) * (_dot(weighted, others) - diagonal)
-    return value, grad
-  # Small I: per-class covariances, off-diagonal entries summed directly (no cancellation).
-  if y.shape[1] == 1:
-    scatter = _dot(centred.T, centred)[None]
-  else:
-    scatter = jnp.einsum('nk,ni,nj->kij', y, centred, centred, precision=_PRECISION)
-  off_diagonal = _psum(scatter, axis_name) * (inv_counts[:, None, None] * _off_diagonal_mask(
-      num_units, centred.dtype))
-  value = jnp.sum(off_diagonal * off_diagonal)
+  centred, inv_counts = _class_centred(members, z, axis_name)
+  mask = _off_diagonal_mask(z.shape[1], centred.dtype)
+  off_diagonal = psum(members.scatter(centred), axis_name) * (inv_counts[:, None, None] * mask)
+  scale = _pow2_scale(jnp.max(jnp.abs(off_diagonal)))  # Squares of entries near 1e19 would overflow.
+  shrunk = off_diagonal * (1.0 / scale)
+  value = (jnp.sum(shrunk * shrunk) / divisor) * scale * scale
   if not with_gradient:
     return value, None
-  # ∂/∂x_n = (4/|S_k|) Σ_{j≠i} c^k_ij x_jn for the class k of n.
-  if y.shape[1] == 1:
-    return value, _dot(centred, (4.0 * inv_counts) * off_diagonal[0])
-  return value, jnp.einsum('nk,kij,nj->ni', (4.0 * inv_counts) * y, off_diagonal, centred,
-                           precision=_PRECISION)
+  return value, members.apply(4.0 * inv_counts, off_diagonal, centred)
 
 
-# Module-level (hashable, stable) statistics for the JVP rule's static argument.
-_off_diagonal_sum_gram = functools.partial(_off_diagonal_sum, gram_form=True)
-_off_diagonal_sum_covariance = functools.partial(_off_diagonal_sum, gram_form=False)
+def _off_diagonal_by_gram(members, z: Array, axis_name: AxisName, divisor: float,
+                          with_gradient: bool) -> tuple[Array, Optional[Array]]:
+  """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from same-class entries of the Gram matrix, and its gradient.
+
+  ‖C_k‖²_F = (1/W_k²) Σ_{n,m} w_nk w_mk ⟨x_n, x_m⟩² with x the class-centred activations; the diagonal
+  Σ_k Σ_i (c^k_ii)² comes from per-class sums of squares (K×I, never K×I×I).
+  """
+  centred, inv_counts = _class_centred(members, z, axis_name)
+  if axis_size(axis_name) == 1:
+    others, other_members = centred, members
+  else:
+    others = lax.all_gather(centred, axis_name, tiled=True)
+    other_members = members.gathered(axis_name)
+  gram = jnp.matmul(centred, others.T, precision=members.precision)
+  # One power of 2 for every device: the difference below compares global sums.
+  scale = _pow2_scale(pmax(jnp.max(jnp.abs(gram)), axis_name))
+  weighted = members.pair_weights(inv_counts * inv_counts, other_members) * (gram * (1.0 / scale))
+  frobenius = psum(jnp.sum(weighted * (gram * (1.0 / scale))), axis_name)
+  variances = psum(members.sums(centred * centred), axis_name) * inv_counts[:, None]
+  shrunk_variances = variances * (1.0 / scale)
+  difference = frobenius - jnp.sum(shrunk_variances * shrunk_variances)
+  # A sum of squares: a rounded difference below 0 is clamped; the gradient stays Table 1's.
+  value = (jnp.maximum(difference, 0.0) / divisor) * scale * scale
+  if not with_gradient:
+    return value, None
+  # ∂/∂x_n = 4 Σ_m a_nm ⟨x_n, x_m⟩ x_m − 4 (w_nk c^k_ii / W_k)_i ∘ x_n.
+  pairs = jnp.matmul(weighted, others, precision=members.precision) * scale
+  diagonal = members.scale_rows(inv_counts[:, None] * variances, centred)
+  return value, 4.0 * (pairs - diagonal)
 
 
-def _covariance(z: Array, y: Array, axis_name: AxisName) -> Array:
-  """Σ_k Σ_{i≠j} (c^k_ij)² / (K I(I−1)): the cw-CR form; CR is the K = 1 case."""
-  num_classes, num_units = y.shape[1], z.shape[1]
-  if num_units < 2:  # No pair of distinct units.
-    return jnp.zeros((), z.dtype)
-  num_samples = z.shape[0] * _axis_size(axis_name)
-  statistic = _off_diagonal_sum_gram if use_gram_form(num_samples, num_units, num_classes) else (
-      _off_diagonal_sum_covariance)
-  total = _with_table1_gradient(statistic, z, y, axis_name)
-  return total / (float(num_classes) * float(num_units) * float(num_units - 1))
+def _statistic(z: Array, arrays: dict[str, Array], axis_name: AxisName, with_gradient: bool, *, kind: str,
+               divisor: float, num_classes: int, one_class: bool,
+               precision: PrecisionLike) -> tuple[Array, Optional[Array]]:
+  """The statistic ``kind`` ('variance' or 'covariance') of z for the labels in ``arrays``.
+
+  ``arrays`` holds 'weights' (N,) for one weighted class (``one_class``); 'ids' (N,) for integer labels;
+  or 'ids', 'weights' (N, K) and 'hard' for float labels, whose hard rows take the ids' path.
+  """
+  num_samples, num_units = z.shape[0] * axis_size(axis_name), z.shape[1]
+
+  def form(classes: int):
+    if kind == 'variance':
+      return _variance_sum
+    gram = use_gram_form(num_samples, num_units, classes)
+    return _off_diagonal_by_gram if gram else _off_diagonal_by_covariance
+
+  def run(fn, members, z):
+    value, grad = fn(members, z, axis_name, divisor, with_gradient)
+    return (value, grad) if with_gradient else (value,)
+
+  if one_class:
+    weights = arrays.get('weights')
+    if weights is not None:  # Masked rows may hold anything (even NaN): the products must not see them.
+      z = jnp.where(weights[:, None] > 0, z, 0)
+    return _pad(run(form(1), _OneClass(weights, z.shape[0], z.dtype, precision), z))
+
+  def hard(z, arrays):
+    return run(form(num_classes), _HardClasses(arrays['ids'], num_classes, z.dtype, precision), z)
+
+  def soft(z, arrays):
+    # Each class is one weighted class, centred at its own mean (exact, K times the work of hard labels).
+    weights = arrays['weights']
+    z = jnp.where(jnp.any(weights > 0, axis=1, keepdims=True), z, 0)  # rows of no class may hold NaN
+    one = lambda w: run(form(1), _OneClass(w, z.shape[0], z.dtype, precision), z)
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(one, in_axes=1)(weights))
+
+  if 'weights' not in arrays:
+    return _pad(hard(z, arrays))
+  return _pad(lax.cond(arrays['hard'], hard, soft, z, arrays))
+
+
+def _pad(outputs: tuple) -> tuple[Array, Optional[Array]]:
+  return outputs if len(outputs) == 2 else (outputs[0], None)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3))
+def _with_table1_gradient(statistic: Callable[..., tuple[Array, Optional[Array]]], z: Array, arrays,
+                          axis_name: AxisName) -> Array:
+  """``statistic(z, arrays, axis_name, with_gradient=False)[0]``, differentiated with its own gradient.
+
+  ``statistic`` computes a global-batch value and, with ``with_gradient``, its closed-form gradient for
+  this device's z (Table 1's). Autodiff would also differentiate every product of the forward pass, the
+  class means included, whose share of the gradient is exactly 0. As a JVP rule the closed form serves
+  forward and reverse mode alike, and higher derivatives are autodiff of the rule. Labels get no
+  derivative.
+  """
+  return statistic(z, arrays, axis_name, with_gradient=False)[0]
+
+
+@_with_table1_gradient.defjvp
+def _with_table1_gradient_jvp(statistic, axis_name, primals, tangents):
+  (z, arrays), (z_dot, _) = primals, tangents
+  value, grad = statistic(z, arrays, axis_name, with_gradient=True)
+  return value, psum(jnp.sum(grad * z_dot), axis_name) / statistic.keywords['divisor']
+
+
+def _replicated(value: Array, activations: Array, axis_name: AxisName, grad_reduction: str) -> Array:
+  """Returns ``value`` (already global) with per-device gradients for ``grad_reduction``.
+
+  Under ``jax.pmap`` (and ``shard_map(check_vma=False)``) psum transposes to psum, so autodiff of a value
+  replicated over D devices gives each device D times its slice of the global gradient: what 'pmean'
+  wants. 'psum' hands autodiff the share value/D instead. Under ``shard_map`` with varying-axis
+  tracking, the replicated value is typed as such and autodiff gives the slice itself: 'pmean' hands it
+  D·value there. The returned value is ``value`` in every case.
+  """
+  if axis_name is None:
+    return value
+  manual = getattr(jax.typeof(activations), 'manual_axis_type', None)
+  varying = getattr(manual, 'varying', frozenset())
+  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
+  tracked = all(name in varying for name in names)
+  factor = {(False, 'pmean'): 1.0, (False, 'psum'): 1.0 / axis_size(axis_name),
+            (True, 'pmean'): float(axis_size(axis_name)), (True, 'psum'): 1.0}[tracked, grad_reduction]
+  if factor == 1.0:
+    return value
+  share = value * factor
+  return lax.stop_gradient(value) + (share - lax.stop_gradient(share))
+
+
+def _check_options(name: str, grad_reduction: str) -> None:
+  if grad_reduction not in GRAD_REDUCTIONS:
+    raise ValueError(f'{name}: grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}.')
+
+
+def _penalty(kind: str, class_wise: bool, name: str, activations, labels, num_classes, where, axis_name,
+             grad_reduction, precision) -> Array:
+  """Reads the inputs of penalty ``name`` and evaluates Ω with Table 1's gradient."""
+  _check_options(name, grad_reduction)
+  z = labels_lib.as_units(activations)
+  mask = labels_lib.as_mask(where, z.shape[0])
+  num_units = z.shape[1]
+  if class_wise:
+    read, num_classes = labels_lib.as_labels(labels, z.shape[0], num_classes, mask, name, z.dtype)
+    arrays = {'ids': read.ids}
+    if read.weights is not None:
+      arrays.update(weights=read.weights, hard=labels_lib.are_hard(read, axis_name))
+  else:
+    num_classes = 1
+    arrays = {} if mask is None else {'weights': mask.astype(z.dtype)}
+  if kind == 'covariance':
+    if num_units < 2:  # No pair of distinct units.
+      return _replicated(jnp.zeros((), z.dtype), activations, axis_name, grad_reduction)
+    divisor = float(num_classes) * float(num_units) * float(num_units - 1)
+  else:
+    divisor = float(num_classes) * float(num_units)
+  statistic = functools.partial(_statistic, kind=kind, divisor=divisor, num_classes=num_classes,
+                                one_class=not class_wise, precision=precision)
+  value = _with_table1_gradient(statistic, z, arrays, axis_name)
+  return _replicated(value, activations, axis_name, grad_reduction)
+
+
+@jax.custom_jvp
+def _abs(x: Array) -> Array:
+  """|x| whose derivative is sign(x), 0 at 0 as in Table 1's L1R gradient (jax.grad(jnp.abs)(0.) is 1)."""
+  return jnp.abs(x)
+
+
+@_abs.defjvp
+def _abs_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return jnp.abs(x), jnp.sign(x) * dx
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Public penalties.
 
+_ARGS_DOC = """
+  Args:
+    activations: (N, ...) representation of one layer; flattened to (N, I).
+    labels: {labels}
+    num_classes: K, static; needed with integer class ids.
+    where: optional bool (N,): the samples that count (False for padding). Masked samples count in no
+      statistic and no count and get a zero gradient; under ``axis_name`` the counts are global.
+    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+    grad_reduction: 'pmean' (default) or 'psum', how your code combines per-device parameter gradients
+      under ``axis_name`` (module docstring). Ignored without ``axis_name``.
+    precision: matmul precision; ``lax.Precision.HIGHEST`` (exact float32) by default.
 
-def cr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
-       axis_name: AxisName = None) -> Array:
-  r"""Covariance Regularizer (CR, = DeCov of Cogswell et al. 2016).
+  Returns:
+    Scalar, float32 (float64 for float64 activations).{returns}
+"""
+_CLASS_LABELS = ('integer class ids (N,) with ``num_classes``, one-hot rows (N, K) or non-negative '
+                 'per-class weights (N, K); ids outside [0, K) and all-zero rows are in no class.')
+_IGNORED_LABELS = 'ignored (accepted for a uniform signature); mask samples with ``where``.'
+
+
+def _document(labels: str, returns: str = ''):
+  def decorate(fn):
+    fn.__doc__ = fn.__doc__ + _ARGS_DOC.format(labels=labels, returns=returns)
+    return fn
+  return decorate
+
+
+@_document(_IGNORED_LABELS, ' 0 when I = 1.')
+def cr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
+       where: Optional[chex.Array] = None, axis_name: AxisName = None, grad_reduction: str = 'pmean',
+       precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
+  r"""Covariance Regularizer (CR, = DeCov of Cogswell et al. 2016; Choi & Rhee, Table 1).
 
   .. math::
     Ω_{CR} = \frac{1}{I(I-1)} \sum_{i \ne j} c_{ij}^2, \quad
     c_{ij} = \frac{1}{N} \sum_n (z_{in} - μ_i)(z_{jn} - μ_j)
 
-  Args:
-    activations: (N, ...) representation of one layer; flattened to (N, I).
-    one_hot_labels: ignored (accepted for a uniform signature).
-    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+  Example::
 
-  Returns:
-    Scalar, float32 (float64 for float64 activations). 0 when I = 1.
-
-  References:
-    Choi & Rhee, AAAI 2019, Table 1 (normalization of the released code, see module docstring).
-  """
-  del one_hot_labels
-  z = _as_units(activations)
-  return _replicated(_covariance(z, _single_class(z), axis_name), activations, axis_name)
+    >>> import jax.numpy as jnp
+    >>> from cwreg import penalties
+    >>> z = jnp.array([[0., 1.], [2., 3.], [4., 2.]])
+    >>> float(penalties.cr(z))  # c_12 = 2/3
+    0.4444444477558136
+"""
+  del labels, num_classes
+  return _penalty('covariance', False, 'cr', activations, None, None, where, axis_name, grad_reduction,
+                  precision)
 
 
-def cw_cr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
-          axis_name: AxisName = None) -> Array:
-  r"""Class-wise Covariance Regularizer (cw-CR).
+@_document(_CLASS_LABELS, ' Absent and single-sample classes contribute 0.')
+def cw_cr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
+          num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
+          axis_name: AxisName = None, grad_reduction: str = 'pmean',
+          precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
+  r"""Class-wise Covariance Regularizer (cw-CR; Choi & Rhee, eq. (7) and Table 1).
 
   .. math::
     Ω_{cw-CR} = \frac{1}{K I(I-1)} \sum_k \sum_{i \ne j} (c^k_{ij})^2, \quad
-    c^k_{ij} = \frac{1}{|S_k|} \sum_{n \in S_k} (z_{in} - μ^k_i)(z_{jn} - μ^k_j)
+    c^k_{ij} = \frac{\sum_n w_{nk} (z_{in} - μ^k_i)(z_{jn} - μ^k_j)}{\sum_n w_{nk}}
 
-  Args:
-    activations: (N, ...) representation of one layer; flattened to (N, I).
-    one_hot_labels: (N, K) one-hot labels; K is the number of classes of the dataset.
-    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+  Example::
 
-  Returns:
-    Scalar, float32 (float64 for float64 activations). Absent and single-sample classes contribute 0.
-
-  References:
-    Choi & Rhee, AAAI 2019, eq. (7) and Table 1.
-  """
-  z = _as_units(activations)
-  y = _as_labels(one_hot_labels, z, 'cw_cr')
-  return _replicated(_covariance(z, y, axis_name), activations, axis_name)
+    >>> import jax.numpy as jnp
+    >>> from cwreg import penalties
+    >>> z = jnp.array([[0., 1.], [2., 3.], [4., 1.], [9., 9.]])
+    >>> float(penalties.cw_cr(z, jnp.array([0, 0, 1, -1]), num_classes=2))  # c^0_12 = 1, class 1 alone; −1: no class
+    0.5
+"""
+  return _penalty('covariance', True, 'cw_cr', activations, labels, num_classes, where, axis_name,
+                  grad_reduction, precision)
 
 
-def vr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
-       axis_name: AxisName = None) -> Array:
-  r"""Variance Regularizer (VR).
+@_document(_IGNORED_LABELS)
+def vr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
+       where: Optional[chex.Array] = None, axis_name: AxisName = None, grad_reduction: str = 'pmean',
+       precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
+  r"""Variance Regularizer (VR; Choi & Rhee, Table 1).
 
   .. math::
     Ω_{VR} = \frac{1}{I} \sum_i v_i, \quad v_i = \frac{1}{N} \sum_n (z_{in} - μ_i)^2
 
-  Args:
-    activations: (N, ...) representation of one layer; flattened to (N, I).
-    one_hot_labels: ignored (accepted for a uniform signature).
-    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+  Example::
 
-  Returns:
-    Scalar, float32 (float64 for float64 activations).
-
-  References:
-    Choi & Rhee, AAAI 2019, Table 1.
-  """
-  del one_hot_labels
-  z = _as_units(activations)
-  return _replicated(_variance(z, _single_class(z), axis_name), activations, axis_name)
+    >>> import jax.numpy as jnp
+    >>> from cwreg import penalties
+    >>> z = jnp.array([[0., 1.], [2., 3.], [7., 7.]])
+    >>> float(penalties.vr(z, where=jnp.array([True, True, False])))  # v = (1, 1)
+    1.0
+"""
+  del labels, num_classes
+  return _penalty('variance', False, 'vr', activations, None, None, where, axis_name, grad_reduction,
+                  precision)
 
 
-def cw_vr(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
-          axis_name: AxisName = None) -> Array:
-  r"""Class-wise Variance Regularizer (cw-VR).
+@_document(_CLASS_LABELS, ' Absent and single-sample classes contribute 0.')
+def cw_vr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
+          num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
+          axis_name: AxisName = None, grad_reduction: str = 'pmean',
+          precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
+  r"""Class-wise Variance Regularizer (cw-VR; Choi & Rhee, Table 1).
 
   .. math::
     Ω_{cw-VR} = \frac{1}{K I} \sum_k \sum_i v^k_i, \quad
-    v^k_i = \frac{1}{|S_k|} \sum_{n \in S_k} (z_{in} - μ^k_i)^2
+    v^k_i = \frac{\sum_n w_{nk} (z_{in} - μ^k_i)^2}{\sum_n w_{nk}}
 
-  Args:
-    activations: (N, ...) representation of one layer; flattened to (N, I).
-    one_hot_labels: (N, K) one-hot labels; K is the number of classes of the dataset.
-    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+  Example::
 
-  Returns:
-    Scalar, float32 (float64 for float64 activations). Absent and single-sample classes contribute 0.
-
-  References:
-    Choi & Rhee, AAAI 2019, Table 1.
-  """
-  z = _as_units(activations)
-  y = _as_labels(one_hot_labels, z, 'cw_vr')
-  return _replicated(_variance(z, y, axis_name), activations, axis_name)
+    >>> import jax.numpy as jnp
+    >>> from cwreg import penalties
+    >>> z = jnp.array([[0., 1.], [2., 3.], [4., 1.]])
+    >>> float(penalties.cw_vr(z, jnp.array([0, 0, 1]), num_classes=2))  # v^0 = (1, 1), v^1 = 0
+    0.5
+"""
+  return _penalty('variance', True, 'cw_vr', activations, labels, num_classes, where, axis_name,
+                  grad_reduction, precision)
 
 
-def l1r(activations: chex.Array, one_hot_labels: Optional[chex.Array] = None, *,
-        axis_name: AxisName = None) -> Array:
-  r"""L1 representation regularizer (L1R; Glorot et al. 2011).
+@_document(_IGNORED_LABELS)
+def l1r(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
+        where: Optional[chex.Array] = None, axis_name: AxisName = None, grad_reduction: str = 'pmean',
+        precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
+  r"""L1 representation regularizer (L1R; Glorot et al. 2011; Choi & Rhee, Discussion).
 
   .. math:: Ω_{L1R} = \frac{1}{N I} \sum_n \sum_i |z_{in}|
 
-  Args:
-    activations: (N, ...) representation of one layer; flattened to (N, I).
-    one_hot_labels: ignored (its class-wise counterpart is the same function, paper's Discussion).
-    axis_name: mapped axis over which the batch is split (pmap / shard_map); statistics are global.
+  Its class-wise counterpart is the same function (paper's Discussion). Example::
 
-  Returns:
-    Scalar, float32 (float64 for float64 activations).
-
-  References:
-    Choi & Rhee, AAAI 2019, Discussion and Conclusion.
-  """
-  del one_hot_labels
-  z = _as_units(activations)
-  num_samples = z.shape[0] * _axis_size(axis_name)
-  value = _psum(jnp.sum(_abs(z)), axis_name) / (float(num_samples) * float(z.shape[1]))
-  return _replicated(value, activations, axis_name)
+    >>> import jax.numpy as jnp
+    >>> from cwreg import penalties
+    >>> float(penalties.l1r(jnp.array([[-1., 3.], [2., 0.]])))
+    1.5
+"""
+  del labels, num_classes, precision
+  _check_options('l1r', grad_reduction)
+  z = labels_lib.as_units(activations)
+  mask = labels_lib.as_mask(where, z.shape[0])
+  # Each term is divided by 2^⌈log2(N I)⌉ before the sum, exactly, so that the sum stays in range.
+  shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name) * z.shape[1])
+  terms = _abs(z) * (1.0 / shrink)
+  if mask is None:
+    count = float(z.shape[0] * axis_size(axis_name))
+  else:
+    terms = jnp.where(mask[:, None], terms, 0)
+    count = jnp.maximum(psum(jnp.sum(mask, dtype=z.dtype), axis_name), 1.0)
+  value = (psum(jnp.sum(terms), axis_name) / (count * float(z.shape[1]))) * shrink
+  return _replicated(value, activations, axis_name, grad_reduction)
 
 
 PENALTIES: Mapping[str, Penalty] = {
