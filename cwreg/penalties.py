@@ -92,6 +92,7 @@ import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 import numpy as np
 
 from cwreg import labels as labels_lib
@@ -433,32 +434,52 @@ def _with_table1_gradient_jvp(statistic, axis_name, primals, tangents):
   return value, psum(jnp.sum(grad * z_dot), axis_name) / statistic.keywords['divisor']
 
 
-def _replicated(value: Array, activations: Array, axis_name: AxisName, grad_reduction: str) -> Array:
+def _replicated(value: Array, axis_name: AxisName, grad_reduction: str) -> Array:
   """Returns ``value`` (already global) with per-device gradients for ``grad_reduction``.
 
-  Under ``jax.pmap`` (and ``shard_map(check_vma=False)``) psum transposes to psum, so autodiff of a value
-  replicated over D devices gives each device D times its slice of the global gradient: what 'pmean'
-  wants. 'psum' hands autodiff the share value/D instead. Under ``shard_map`` with varying-axis
-  tracking, the replicated value is typed as such and autodiff gives the slice itself: 'pmean' hands it
-  D·value there. The returned value is ``value`` in every case.
+  A device's loss adds the replicated Ω to its own task loss. Under ``jax.pmap``, and under
+  ``jax.shard_map`` with or without varying-axis checking, autodiff then hands each device D times its
+  slice of ∇Ω (psum transposes to psum there, and so does the implicit broadcast of the replicated Ω into
+  a varying loss). The pmean of the parameter gradients is then exact: 'pmean' keeps autodiff's gradient.
+  'psum' hands autodiff the share Ω/D, whose per-device gradient is the slice itself. The returned value
+  is ``value`` in both.
   """
-  if axis_name is None:
+  if axis_name is None or grad_reduction == 'pmean':
     return value
-  manual = getattr(jax.typeof(activations), 'manual_axis_type', None)
-  varying = getattr(manual, 'varying', frozenset())
-  names = axis_name if isinstance(axis_name, (tuple, list)) else (axis_name,)
-  tracked = all(name in varying for name in names)
-  factor = {(False, 'pmean'): 1.0, (False, 'psum'): 1.0 / axis_size(axis_name),
-            (True, 'pmean'): float(axis_size(axis_name)), (True, 'psum'): 1.0}[tracked, grad_reduction]
-  if factor == 1.0:
-    return value
-  share = value * factor
+  share = value / axis_size(axis_name)
   return lax.stop_gradient(value) + (share - lax.stop_gradient(share))
 
 
 def _check_options(name: str, grad_reduction: str) -> None:
   if grad_reduction not in GRAD_REDUCTIONS:
     raise ValueError(f'{name}: grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}.')
+
+
+def _explicit_batch_axes(activations) -> Optional[tuple[Any, Any]]:
+  """(mesh, axes) when the batch dimension is sharded over mesh axes of explicit type, else None."""
+  sharding = getattr(jax.typeof(activations), 'sharding', None)
+  spec = getattr(sharding, 'spec', None)
+  if not spec or spec[0] is None:
+    return None
+  return sharding.mesh, spec[0]
+
+
+def _on_global_batch(penalty: Callable[..., Array], activations, labels, where, **options) -> Array:
+  """``penalty`` of a batch sharded explicitly over mesh axes, computed per shard with global statistics.
+
+  Under sharding in types, XLA cannot choose the output sharding of the per-class sums itself; mapping
+  the penalty over the batch's mesh axes with ``axis_name`` gives the global value and gradient.
+  """
+  mesh, axes = _explicit_batch_axes(activations)
+  inputs = {'activations': activations, 'labels': labels, 'where': where}
+  inputs = {k: v for k, v in inputs.items() if v is not None}
+
+  def per_shard(shard):
+    return penalty(shard['activations'], shard.get('labels'), where=shard.get('where'), axis_name=axes,
+                   **options)
+
+  specs = ({k: PartitionSpec(axes) for k in inputs},)
+  return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=PartitionSpec())(inputs)
 
 
 def _penalty(kind: str, class_wise: bool, name: str, activations, labels, num_classes, where, axis_name,
@@ -478,14 +499,14 @@ def _penalty(kind: str, class_wise: bool, name: str, activations, labels, num_cl
     arrays = {} if mask is None else {'weights': mask.astype(z.dtype)}
   if kind == 'covariance':
     if num_units < 2:  # No pair of distinct units.
-      return _replicated(jnp.zeros((), z.dtype), activations, axis_name, grad_reduction)
+      return _replicated(jnp.zeros((), z.dtype), axis_name, grad_reduction)
     divisor = float(num_classes) * float(num_units) * float(num_units - 1)
   else:
     divisor = float(num_classes) * float(num_units)
   statistic = functools.partial(_statistic, kind=kind, divisor=divisor, num_classes=num_classes,
                                 one_class=not class_wise, precision=precision)
   value = _with_table1_gradient(statistic, z, arrays, axis_name)
-  return _replicated(value, activations, axis_name, grad_reduction)
+  return _replicated(value, axis_name, grad_reduction)
 
 
 @jax.custom_jvp
@@ -549,6 +570,8 @@ def cr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_clas
     0.4444444477558136
 """
   del labels, num_classes
+  if axis_name is None and _explicit_batch_axes(activations) is not None:
+    return _on_global_batch(cr, activations, None, where, precision=precision)
   return _penalty('covariance', False, 'cr', activations, None, None, where, axis_name, grad_reduction,
                   precision)
 
@@ -572,6 +595,8 @@ def cw_cr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
     >>> float(penalties.cw_cr(z, jnp.array([0, 0, 1, -1]), num_classes=2))  # c^0_12 = 1, class 1 alone; −1: no class
     0.5
 """
+  if axis_name is None and _explicit_batch_axes(activations) is not None:
+    return _on_global_batch(cw_cr, activations, labels, where, num_classes=num_classes, precision=precision)
   return _penalty('covariance', True, 'cw_cr', activations, labels, num_classes, where, axis_name,
                   grad_reduction, precision)
 
@@ -594,6 +619,8 @@ def vr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_clas
     1.0
 """
   del labels, num_classes
+  if axis_name is None and _explicit_batch_axes(activations) is not None:
+    return _on_global_batch(vr, activations, None, where, precision=precision)
   return _penalty('variance', False, 'vr', activations, None, None, where, axis_name, grad_reduction,
                   precision)
 
@@ -617,6 +644,8 @@ def cw_vr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
     >>> float(penalties.cw_vr(z, jnp.array([0, 0, 1]), num_classes=2))  # v^0 = (1, 1), v^1 = 0
     0.5
 """
+  if axis_name is None and _explicit_batch_axes(activations) is not None:
+    return _on_global_batch(cw_vr, activations, labels, where, num_classes=num_classes, precision=precision)
   return _penalty('variance', True, 'cw_vr', activations, labels, num_classes, where, axis_name,
                   grad_reduction, precision)
 
@@ -638,6 +667,8 @@ def l1r(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_cla
 """
   del labels, num_classes, precision
   _check_options('l1r', grad_reduction)
+  if axis_name is None and _explicit_batch_axes(activations) is not None:
+    return _on_global_batch(l1r, activations, None, where)
   z = labels_lib.as_units(activations)
   mask = labels_lib.as_mask(where, z.shape[0])
   # Each term is divided by 2^⌈log2(N I)⌉ before the sum, exactly, so that the sum stays in range.
@@ -649,7 +680,7 @@ def l1r(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_cla
     terms = jnp.where(mask[:, None], terms, 0)
     count = jnp.maximum(psum(jnp.sum(mask, dtype=z.dtype), axis_name), 1.0)
   value = (psum(jnp.sum(terms), axis_name) / (count * float(z.shape[1]))) * shrink
-  return _replicated(value, activations, axis_name, grad_reduction)
+  return _replicated(value, axis_name, grad_reduction)
 
 
 PENALTIES: Mapping[str, Penalty] = {

@@ -4,9 +4,19 @@ For every penalty and every batch split below, inside ``jax.pmap`` and ``jax.sha
 without varying-axis checking):
   * the value is identical on every device and equals the single-device penalty of the concatenated
     batch (and the float64 oracle);
-  * ``jax.grad`` w.r.t. each device's activations is that device's slice of the single-device gradient;
+  * ``jax.grad`` w.r.t. each device's activations is that device's slice of the single-device gradient
+    (``grad_reduction='psum'`` under pmap and unchecked shard_map; under checked shard_map, where JAX
+    types the replicated value as invariant, the default 'pmean' gives the slice);
   * ``cwreg.analytic.<name>(..., axis_name=...)`` is that device's slice of the single-device analytic
     gradient.
+
+Beyond the penalty alone, the data-parallel idioms users write are checked end to end on a small model:
+the per-device loss ``task_d + λΩ`` with ``lax.pmean`` of the parameter gradients (default
+``grad_reduction='pmean'``), and ``task_d / D + λΩ`` with ``lax.psum`` (``grad_reduction='psum'``), both
+equal to the single-device gradient of mean task + λΩ; under checked shard_map JAX sums the gradients of
+replicated parameters itself, so the idioms divide that sum by D or keep it. Labels there are integer ids
+with −1 padding and a ``where`` mask (global counts). Plain ``jax.jit`` over a batch sharded on a mesh
+(Auto and Explicit axis types, no ``axis_name``) gives the global value and gradient.
 
 The device count must be fixed before JAX initializes, and the other test modules of the same pytest
 process import JAX first, so the checks run in a subprocess (this file run as a script with
@@ -15,6 +25,7 @@ process import JAX first, so the checks run in a subprocess (this file run as a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -35,6 +46,10 @@ SCENARIOS = {
     'wide_one_class': ((3, 300), 4, 'relu'),         # I >> N: Gram path; exact zeros; one class
 }
 CHECKS = [f'{mode}/{scenario}/{name}' for mode in MODES for scenario in SCENARIOS for name in NAMES]
+IDIOM_MODES = ('pmap', 'shard_map_vma', 'shard_map_no_vma')
+IDIOM_CHECKS = [f'idiom_{reduction}/{mode}/{name}' for reduction in ('pmean', 'psum')
+                for mode in IDIOM_MODES for name in NAMES]
+SHARDED_JIT_CHECKS = [f'sharded_jit_{types}/{name}' for types in ('auto', 'explicit') for name in NAMES]
 _RESULT_MARKER = 'MULTIDEVICE_RESULTS='
 _TIMEOUT_S = 300
 
@@ -60,10 +75,10 @@ def worker_results() -> dict:
 
 def test_worker_ran_on_four_devices(worker_results):
   assert worker_results['_devices'] == NUM_DEVICES
-  assert set(CHECKS) <= set(worker_results)
+  assert set(CHECKS + IDIOM_CHECKS + SHARDED_JIT_CHECKS) <= set(worker_results)
 
 
-@pytest.mark.parametrize('check', CHECKS)
+@pytest.mark.parametrize('check', CHECKS + IDIOM_CHECKS + SHARDED_JIT_CHECKS)
 def test_multidevice(worker_results, check):
   outcome = worker_results[check]
   if outcome != 'ok':
@@ -106,10 +121,11 @@ def _run_worker() -> dict:
   mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,))
   sharded = NamedSharding(mesh, P(AXIS))
 
-  def per_device_penalties(x, y):
+  def per_device_penalties(x, y, reduction='psum'):
     out = {}
     for name in NAMES:
-      value, grad = jax.value_and_grad(getattr(penalties, name))(x, y, axis_name=AXIS)
+      fn = functools.partial(getattr(penalties, name), axis_name=AXIS, grad_reduction=reduction)
+      value, grad = jax.value_and_grad(fn)(x, y)
       out[name] = (jnp.reshape(value, (1,)), grad)
     return out
 
@@ -131,6 +147,8 @@ def _run_worker() -> dict:
     else:
       fn = per_device_analytic if mode.startswith('analytic') else per_device_penalties
       check_vma = mode != 'shard_map_no_vma'
+      if mode == 'shard_map_vma':
+        fn = functools.partial(fn, reduction='pmean')
       mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(AXIS), P(AXIS)), out_specs=P(AXIS),
                                      check_vma=check_vma))
       out = jax.block_until_ready(mapped(jax.device_put(x_global, sharded),
@@ -179,6 +197,121 @@ def _run_worker() -> dict:
           results[f'{mode}/{scenario}/{name}'] = 'ok'
         except AssertionError as e:
           results[f'{mode}/{scenario}/{name}'] = str(e)
+  results.update(_idiom_checks(jax, jnp, np, mesh, penalties))
+  results.update(_sharded_jit_checks(jax, jnp, np, penalties))
+  return results
+
+
+_LAMBDA = 0.7
+
+
+def _idiom_data(np):
+  """A tiny model's inputs and parameters; integer labels with −1 padding and a where mask."""
+  rng = np.random.default_rng(7)
+  n = NUM_DEVICES * 6
+  x = rng.normal(size=(n, 5)).astype(np.float32)
+  ids = rng.integers(0, 3, size=n)
+  ids[[2, 9, 15]] = -1           # no class (padding ids)
+  where = np.ones(n, bool)
+  where[[4, 10, 16, 22]] = False  # padded examples, one per device
+  params = {'w': rng.normal(size=(5, 7)).astype(np.float32), 'b': rng.normal(size=(7,)).astype(np.float32)}
+  return x, ids, where, params
+
+
+def _idiom_loss(jnp, penalties, name, params, x, ids, where, axis_name=None, reduction='pmean', scale=1.0):
+  """scale · (masked mean task loss of this device) + λ Ω(z of the global batch)."""
+  z = jnp.tanh(x @ params['w'] + params['b'])
+  per_example = jnp.sum((z - 0.3) ** 2, axis=1)
+  task = jnp.sum(jnp.where(where, per_example, 0.0)) / jnp.sum(where)
+  penalty = getattr(penalties, name)(z, ids, num_classes=3, where=where, axis_name=axis_name,
+                                     grad_reduction=reduction)
+  return scale * task + _LAMBDA * penalty
+
+
+def _idiom_checks(jax, jnp, np, mesh, penalties) -> dict:
+  from jax import lax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  x, ids, where, params = _idiom_data(np)
+  n_local = x.shape[0] // NUM_DEVICES
+  # Every device holds the same number of unmasked examples, so the mean of the per-device means is the
+  # global mean and the single-device objective is well defined as mean task + λΩ.
+  counts = where.reshape(NUM_DEVICES, n_local).sum(1)
+  assert np.all(counts == counts[0]), counts
+  results = {}
+  for name in NAMES:
+    loss = functools.partial(_idiom_loss, jnp, penalties, name)
+    # The single-device objective: the mean of the per-device task losses + λΩ of the global batch.
+    def single(p):
+      z = jnp.tanh(jnp.asarray(x) @ p['w'] + p['b'])
+      per_example = jnp.sum((z - 0.3) ** 2, axis=1).reshape(NUM_DEVICES, n_local)
+      w = jnp.asarray(where).reshape(NUM_DEVICES, n_local)
+      task = jnp.mean(jnp.sum(jnp.where(w, per_example, 0.0), 1) / jnp.sum(w, 1))
+      return task + _LAMBDA * getattr(penalties, name)(z, jnp.asarray(ids), num_classes=3,
+                                                       where=jnp.asarray(where))
+    expected = jax.grad(single)(params)
+    for reduction in ('pmean', 'psum'):
+      scale = 1.0 if reduction == 'pmean' else 1.0 / NUM_DEVICES
+      combine = lax.pmean if reduction == 'pmean' else lax.psum
+
+      def per_device(p, x, i, w, reduction=reduction, scale=scale, combine=combine):
+        g = jax.grad(loss)(p, x, i, w, AXIS, reduction, scale)
+        return combine(g, AXIS)
+
+      def per_device_checked(p, x, i, w, reduction=reduction, scale=scale):
+        # Checked shard_map: the gradient of replicated parameters is already the sum over devices.
+        g = jax.grad(loss)(p, x, i, w, AXIS, reduction, scale)
+        return g if reduction == 'psum' else jax.tree.map(lambda a: a / NUM_DEVICES, g)
+
+      for mode in IDIOM_MODES:
+        key = f'idiom_{reduction}/{mode}/{name}'
+        try:
+          if mode == 'pmap':
+            split = lambda a: a.reshape((NUM_DEVICES, n_local) + a.shape[1:])
+            out = jax.pmap(per_device, axis_name=AXIS, in_axes=(None, 0, 0, 0))(
+                params, split(x), split(ids), split(where))
+            got = jax.tree.map(lambda a: np.asarray(a)[0], out)
+          else:
+            checked = mode == 'shard_map_vma'
+            fn = per_device_checked if checked else per_device
+            mapped = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
+                                           out_specs=P(), check_vma=checked))
+            put = lambda a: jax.device_put(a, NamedSharding(mesh, P(AXIS)))
+            got = mapped(params, put(x), put(ids), put(where))
+          for k in expected:
+            e = np.asarray(expected[k])
+            np.testing.assert_allclose(np.asarray(got[k]), e, rtol=1e-4, atol=1e-6 * np.abs(e).max(),
+                                       err_msg=f'{key}: gradient of {k} vs single device')
+          results[key] = 'ok'
+        except Exception as e:  # pylint: disable=broad-except
+          results[key] = f'{type(e).__name__}: {e}'[:3000]
+  return results
+
+
+def _sharded_jit_checks(jax, jnp, np, penalties) -> dict:
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+  x, ids, where, _ = _idiom_data(np)
+  x = np.maximum(x, 0.0) @ np.ones((5, 9), np.float32) * np.linspace(0.5, 2, 9, dtype=np.float32)
+  results = {}
+  for types in ('auto', 'explicit'):
+    axis_type = AxisType.Auto if types == 'auto' else AxisType.Explicit
+    mesh = jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=(axis_type,))
+    for name in NAMES:
+      key = f'sharded_jit_{types}/{name}'
+      fn = lambda a, i, w, name=name: getattr(penalties, name)(a, i, num_classes=3, where=w)
+      try:
+        expected = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(where))
+        with jax.set_mesh(mesh):
+          put = lambda a: jax.device_put(a, NamedSharding(mesh, P(AXIS)))
+          value, grad = jax.jit(jax.value_and_grad(fn))(put(x), put(ids), put(where))
+        assert len(grad.sharding.device_set) == NUM_DEVICES, grad.sharding
+        np.testing.assert_allclose(float(value), float(expected[0]), rtol=1e-5, err_msg=key)
+        e = np.asarray(expected[1])
+        np.testing.assert_allclose(np.asarray(grad), e, rtol=1e-4, atol=1e-6 * np.abs(e).max(), err_msg=key)
+        results[key] = 'ok'
+      except Exception as e:  # pylint: disable=broad-except
+        results[key] = f'{type(e).__name__}: {e}'[:3000]
   return results
 
 
