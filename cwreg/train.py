@@ -191,8 +191,9 @@ def _per_example_loss(task: Task, outputs, images, labels):
 def _penalty_value(task: Task, intermediates, labels, axis_name):
     if task.penalty is None:
         return jnp.zeros(())
-    one_hot = jax.nn.one_hot(labels, task.num_classes)
-    return penalties.get_penalty(task.penalty)(intermediates[task.layer], one_hot, axis_name=axis_name)
+    # Each device minimizes its share of J̃ and the shares' gradients are psummed: the 'psum' convention.
+    return penalties.get_penalty(task.penalty)(intermediates[task.layer], labels, num_classes=task.num_classes,
+                                               axis_name=axis_name, grad_reduction='psum')
 
 
 def _weight_terms(task: Task, params, weights):
