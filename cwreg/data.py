@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 import socket
+import zipfile
 from collections.abc import Sequence
 
 import jax
@@ -48,6 +49,10 @@ import tensorflow_datasets as tfds
 from cwreg import cifar10_partial as _cifar10_partial  # noqa: F401  (registers the builder)
 
 DATASETS: tuple[str, ...] = ('mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'cifar10_partial')
+
+# Classes of each dataset, known without reading it (so configs can be checked before loading).
+NUM_CLASSES: dict[str, int] = {'mnist': 10, 'fashion_mnist': 10, 'cifar10': 10, 'cifar100': 100,
+                               'cifar10_partial': 10}
 
 # Paper suppl. A.1: the last 10,000 training examples form the validation split.
 VALIDATION_SIZE = 10_000
@@ -294,8 +299,9 @@ def _read_original_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[
     return read()
   path = os.path.join(os.fspath(builder.data_path), _ARRAY_CACHE, f'{split}-{fingerprint}.npz')
   if os.path.isfile(path):
-    with np.load(path) as cached:
-      return {k: cached[k] for k in cached.files}
+    cached = _read_cache(path)
+    if cached is not None:
+      return cached
   arrays = read()
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -305,6 +311,26 @@ def _read_original_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[
   except OSError as e:  # a read-only data_dir still works, just without the cache
     logging.warning('Not caching decoded %s/%s arrays at %s: %s', builder.name, split, path, e)
   return arrays
+
+
+def _read_cache(path: str) -> dict[str, np.ndarray] | None:
+  """The arrays of a decoded-split cache file; None (with a warning, the file removed) if it is corrupt."""
+  try:
+    with np.load(path) as cached:
+      arrays = {k: cached[k] for k in cached.files}
+    if set(arrays) != {'image', 'label'} or len(arrays['image']) != len(arrays['label']):
+      raise ValueError(f'holds {sorted(arrays)} with lengths {[len(v) for v in arrays.values()]}, not '
+                       'images and labels of one split')
+    return arrays
+  # What np.load raises for truncated or overwritten files (zipfile.BadZipFile is no OSError/ValueError).
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    logging.warning('Decoded-array cache %s is corrupt (%s: %s); rebuilding it from the tfds files.', path,
+                    type(e).__name__, e)
+    try:
+      os.remove(path)
+    except OSError:
+      pass
+    return None
 
 
 def _tfds_stored_keys(split: str, num_examples: int) -> np.ndarray:

@@ -60,26 +60,38 @@ def run_dir(sweep_dir: str, regularizer: str, phase: str, weight: float = 0.0, s
 
 
 def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What a run is: the fields a sweep varies, and the training length."""
-    return {**train.run_identity(config),
-            'num_epochs': config.num_epochs, 'num_train_steps': config.num_train_steps}
+    """What a run is: every field that decides what it trains (`train.training_config`)."""
+    return train.training_config(config)
 
 
-def _recorded_identity(result: dict[str, Any]) -> dict[str, Any]:
-    """`_identity` of the run a results.json was written by (from the config it records)."""
-    return _identity(ml_collections.ConfigDict(result['config']))
-
-
-def status(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Optional[str]:
-    """The `status` of a run's results.json; None if it has none (not started or interrupted), or if
-    `config` is given and the results are of another run (e.g. a final run whose λ the search has since
-    changed, or a different number of epochs)."""
+def _read_results(workdir: str) -> Optional[dict[str, Any]]:
+    """A run's results.json; None if it has none, or, with a warning naming it, if it is truncated."""
     path = os.path.join(workdir, 'results.json')
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        result = json.load(f)
-    if config is not None and _recorded_identity(result) != _identity(config):
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        if not isinstance(result, dict):
+            raise ValueError(f'a JSON {type(result).__name__}, not an object')
+        return result
+    except (OSError, ValueError) as e:
+        logging.warning('%s is unreadable (%s: %s); the run counts as not done and is trained again.', path,
+                        type(e).__name__, e)
+        return None
+
+
+def _is_of(result: dict[str, Any], config: ml_collections.ConfigDict) -> bool:
+    return isinstance(result.get('config'), dict) and not train.config_differences(result['config'], config)
+
+
+def status(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Optional[str]:
+    """The `status` of a run's results.json; None if it has none (not started or interrupted) or an unreadable
+    one, or if `config` is given and the results are of another run: one whose recorded config differs from
+    `config` in any field that decides what it trains (e.g. a final run whose λ the search has since changed,
+    or another learning rate, width, layer, train size, batch size or number of epochs)."""
+    result = _read_results(workdir)
+    if result is None or (config is not None and not _is_of(result, config)):
         return None
     return result.get('status')
 
@@ -89,7 +101,8 @@ def _discard_results(workdir: str) -> None:
     for name in ('results.json', VARIABLES_FILE, 'stats.json'):
         path = os.path.join(workdir, name)
         if os.path.exists(path):
-            logging.warning('%s holds another run than the one to train now; removing it.', path)
+            logging.warning('%s is not of the run to train now (another config, or unreadable); removing it.',
+                            path)
             os.remove(path)
 
 
@@ -135,8 +148,18 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], group_
         progress.update(len(group), trained=len(group), seconds=time.time() - t0)
 
 
-def chosen_weight(sweep_dir: str, regularizer: str) -> Optional[float]:
+def chosen_weight(sweep_dir: str, regularizer: str,
+                  base: Optional[ml_collections.ConfigDict] = None) -> Optional[float]:
+    """The λ of the regularizer's select runs with the lowest validation error (None if none finished).
+
+    With `base` (the config given to `run_sweep`), only runs of that config count: a run left in the sweep
+    directory by another learning rate, width, number of epochs… is ignored. Without it, every run does.
+    """
     runs = report.load_runs([os.path.join(sweep_dir, regularizer)]).runs
+    if base is not None:
+        runs = [run for run in runs if run.phase == 'select'
+                and _is_of(_read_results(os.path.dirname(run.path)) or {},
+                           run_config(base, regularizer, run.weight, run.seed, validation=True))]
     weight, _ = report.select_weight(runs)
     return weight
 
@@ -159,7 +182,7 @@ def run_sweep(base: ml_collections.ConfigDict, sweep_dir: str,
         select = [run_config(base, regularizer, w, seed=0, validation=True) for w in weights_of[regularizer]]
         _train(select, [run_dir(sweep_dir, regularizer, 'select', weight=w) for w in weights_of[regularizer]],
                root, progress, max_group)
-        chosen[regularizer] = chosen_weight(sweep_dir, regularizer)
+        chosen[regularizer] = chosen_weight(sweep_dir, regularizer, base)
         if chosen[regularizer] is None:
             logging.warning('%s: every λ diverged; no final runs.', regularizer)
             progress.update(len(seeds))

@@ -23,21 +23,26 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import logging as std_logging
 import math
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 from clu import metric_writers
-from clu import periodic_actions
 import flax
 from flax.training import train_state
 import jax
 from jax import lax
 import jax.numpy as jnp
+import jaxlib
 import ml_collections
 import numpy as np
 import optax
@@ -61,9 +66,17 @@ class TrainState(train_state.TrainState):
 # Config checks: everything that can be wrong with a config fails here, before any data is loaded.
 
 
+class ConfigError(ValueError):
+    """A config a run cannot use, or one that does not match its workdir; the message says what is accepted."""
+
+
+class ConfigMismatchError(ConfigError):
+    """The workdir holds a run of another config; the message lists the fields that differ."""
+
+
 def _choice(kind: str, value: str, valid) -> None:
     if value not in valid:
-        raise ValueError(f'Unknown {kind} {value!r}; valid choices: {sorted(valid)}.')
+        raise ConfigError(f'Unknown {kind} {value!r}; valid choices: {sorted(valid)}.')
 
 
 def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> models.nn.Module:
@@ -76,16 +89,92 @@ def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> mo
         'resnet': dict(num_classes=num_classes, depth=config.model.depth, bn_axis_name=AXIS),
         'autoencoder': dict(),
     }[name]
-    return models.create_model(name, **kwargs)
+    try:
+        return models.create_model(name, **kwargs)
+    except ValueError as e:  # e.g. a ResNet depth that is not 6n + 2
+        raise ConfigError(f'config.model: {e}') from None
 
 
 def is_reconstruction(config: ml_collections.ConfigDict) -> bool:
     return config.model.name == 'autoencoder'
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _increasing_steps(value) -> bool:
+    return (isinstance(value, (tuple, list)) and all(_is_int(b) and b > 0 for b in value)
+            and all(a < b for a, b in zip(value, value[1:])))
+
+
+#: Every field of configs/default.py that has a range (choices are checked in validate_config), with it.
+FIELD_RANGES = {
+    'scenario': (lambda v: isinstance(v, str) and bool(v), "a non-empty name such as 'mnist_mlp/default'"),
+    'seed': (lambda v: _is_int(v) and 0 <= v < 2**31, 'an integer in [0, 2^31 - 1]'),
+    'dataset.data_dir': (lambda v: isinstance(v, str), "a directory ('' for tfds's default)"),
+    'dataset.validation': (_is_bool, 'True or False'),
+    'dataset.train_size': (lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0: every training example)'),
+    'dataset.augment': (_is_bool, 'True or False'),
+    'dataset.download': (_is_bool, 'True or False'),
+    'model.width': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'model.depth': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'penalty.weight': (lambda v: _is_real(v) and v >= 0, 'a finite number >= 0'),
+    'weight_penalty.weight': (lambda v: _is_real(v) and v >= 0, 'a finite number >= 0'),
+    'weight_decay': (lambda v: _is_real(v) and v >= 0, 'a finite number >= 0'),
+    'optimizer.learning_rate': (lambda v: _is_real(v) and v > 0, 'a finite number > 0'),
+    'optimizer.momentum': (lambda v: _is_real(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    'optimizer.boundaries': (_increasing_steps, 'a strictly increasing tuple of steps >= 1, e.g. (32000, 48000)'),
+    'optimizer.decay_factor': (lambda v: _is_real(v) and v > 0, 'a finite number > 0'),
+    'batch_size': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'num_epochs': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'num_train_steps': (lambda v: _is_int(v) and (v == -1 or v >= 1), '-1 (train num_epochs) or an integer >= 1'),
+    'eval_batch_size': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'eval_every_epochs': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'steps_per_dispatch': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'checkpoint': (_is_bool, 'True or False'),
+}
+
+
+def _get(config: ml_collections.ConfigDict, field: str):
+    for name in field.split('.'):
+        config = config[name]
+    return config
+
+
+def _check_ranges(config: ml_collections.ConfigDict) -> None:
+    for field, (valid, description) in FIELD_RANGES.items():
+        value = _get(config, field)
+        if not valid(value):
+            raise ConfigError(f'config.{field} must be {description}, got {value!r}.')
+    if config.model.name == 'resnet' and (config.model.depth < 8 or (config.model.depth - 2) % 6):
+        raise ConfigError(f'config.model.depth must be 6n + 2 with n >= 1 for a ResNet (e.g. 20, 32, 56, 110), '
+                          f'got {config.model.depth}.')
+    dataset = config.dataset
+    if dataset.num_classes:
+        total = data_lib.NUM_CLASSES[dataset.name]
+        if not (_is_int(dataset.num_classes) and 2 <= dataset.num_classes <= total):
+            raise ConfigError(f'config.dataset.num_classes must be 0 (all) or an integer in [2, {total}] for '
+                              f'{dataset.name}, got {dataset.num_classes!r}.')
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError, listing the valid choices, for anything a run cannot use."""
+    """Raises ConfigError (a ValueError), naming the field and what it accepts, for anything a run cannot use.
+
+    Checks every field before any data is loaded; what needs the data (batch vs dataset size) is checked
+    by `check_data_fits` as soon as it is loaded, before anything is compiled.
+    """
     _choice('dataset', config.dataset.name, data_lib.DATASETS)
+    _check_ranges(config)
     model = model_from_config(config, num_classes=10)
     _choice('representation penalty', config.penalty.name, (NO_PENALTY, *penalties.PENALTIES))
     layers = model.layer_names()
@@ -97,11 +186,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice('optimizer', config.optimizer.name, OPTIMIZERS)
     _choice('learning-rate schedule', config.optimizer.schedule, SCHEDULES)
     if config.batch_size % jax.device_count():
-        raise ValueError(f'batch_size {config.batch_size} is not divisible by the {jax.device_count()} '
-                         'devices.')
-    for field in ('penalty', 'weight_penalty'):
-        if not math.isfinite(config[field].weight) or config[field].weight < 0:
-            raise ValueError(f'config.{field}.weight must be finite and >= 0, got {config[field].weight}.')
+        raise ConfigError(f'config.batch_size must be a multiple of the {jax.device_count()} devices, got '
+                          f'{config.batch_size}.')
+    # eval_batch_size needs no such check: evaluation steps are whole training batches (eval_step_size).
+    if config.dataset.train_size and config.batch_size > config.dataset.train_size:
+        raise ConfigError(f'config.batch_size must be at most config.dataset.train_size '
+                          f'({config.dataset.train_size}), got {config.batch_size}.')
+
+
+def check_data_fits(config: ml_collections.ConfigDict, num_train: int) -> int:
+    """The number of steps the run trains; raises ConfigError where the loaded data cannot give one."""
+    if config.batch_size > num_train:
+        raise ConfigError(f'config.batch_size must be at most the {num_train} training examples of '
+                          f'{config.dataset.name}, got {config.batch_size}.')
+    if config.num_train_steps > 0:
+        return config.num_train_steps
+    return config.num_epochs * (num_train // config.batch_size)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -267,19 +367,25 @@ def train_chunk(task: Task, num_steps: int, global_batch: int, state: TrainState
 
 
 def eval_chunk(task: Task, state: TrainState, images, labels, mask, axis_name=AXIS):
-    """Sums over this device's evaluation batches (S, B, ...); padding examples have mask 0."""
+    """Sums over this device's evaluation steps (S, K, B/D, ...): K training-size batches per step.
+
+    Padding examples have mask 0. The penalty is a batch statistic, so it is computed as training computes
+    it, over batches of the training batch size (this device's slice of each), and counted on full ones only.
+    """
 
     def body(totals, batch):
         x, y, m = batch
-        outputs, intermediates, _ = _forward(task, state.params, state.batch_stats, x, False)
-        per_example, is_correct = _per_example_loss(task, outputs, x, y)
-        correct = jnp.sum(is_correct * m)
-        # The penalty is a batch statistic: count it on full global batches only.
-        full = lax.pmin(jnp.min(m), axis_name)
-        penalty = _penalty_value(task, intermediates, y, axis_name)
+        num_batches, local = y.shape
+        merge = lambda a: a.reshape((num_batches * local,) + a.shape[2:])
+        outputs, intermediates, _ = _forward(task, state.params, state.batch_stats, merge(x), False)
+        per_example, is_correct = _per_example_loss(task, outputs, merge(x), merge(y))
+        z = intermediates[task.layer]
+        z = z.reshape((num_batches, local) + z.shape[1:])
+        penalty = jax.vmap(lambda z_b, y_b: _penalty_value(task, {task.layer: z_b}, y_b, axis_name))(z, y)
+        full = lax.pmin(jnp.min(m, axis=1), axis_name)
         totals = jax.tree.map(jnp.add, totals, {
-            'loss': jnp.sum(per_example * m), 'correct': correct, 'count': jnp.sum(m),
-            'penalty': penalty * full, 'penalty_batches': full})
+            'loss': jnp.sum(per_example * merge(m)), 'correct': jnp.sum(is_correct * merge(m)),
+            'count': jnp.sum(m), 'penalty': jnp.sum(penalty * full), 'penalty_batches': jnp.sum(full)})
         return totals, None
 
     zeros = {k: jnp.zeros(()) for k in ('loss', 'correct', 'count', 'penalty', 'penalty_batches')}
@@ -342,18 +448,25 @@ def unreplicate(tree):
     return jax.tree.map(lambda x: x[0], tree)
 
 
-def _eval_layout(split: data_lib.Split, batch_size: int, num_devices: int):
-    """(D, S, B/D, ...) arrays (zero-padded, with a mask) so each device scans over its part of each batch."""
+def eval_step_size(eval_batch_size: int, batch_size: int) -> int:
+    """Examples per evaluation step: the largest multiple of the training batch up to eval_batch_size, and at
+    least one training batch, so that the evaluation's penalty is over training-size batches."""
+    return max(1, eval_batch_size // batch_size) * batch_size
+
+
+def _eval_layout(split: data_lib.Split, batch_size: int, per_step: int, num_devices: int):
+    """(D, S, K, B/D, ...) arrays (zero-padded, with a mask): S steps of K batches of the training size B,
+    each device holding its slice of every batch, as in training."""
     n = len(split.labels)
-    steps = math.ceil(n / batch_size)
-    pad = steps * batch_size - n
+    steps = math.ceil(n / per_step)
+    pad = steps * per_step - n
     images = np.concatenate([split.images, np.zeros((pad,) + split.images.shape[1:], np.float32)])
     labels = np.concatenate([split.labels, np.zeros((pad,), np.int32)])
     mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
-    local = batch_size // num_devices
+    shape = (steps, per_step // batch_size, num_devices, batch_size // num_devices)
 
     def arrange(a):
-        return a.reshape((steps, num_devices, local) + a.shape[1:]).swapaxes(0, 1)
+        return np.moveaxis(a.reshape(shape + a.shape[1:]), 2, 0)
 
     return arrange(images), arrange(labels), arrange(mask)
 
@@ -394,6 +507,100 @@ def describe(config: ml_collections.ConfigDict) -> str:
             f'(λ={config.weight_penalty.weight})')
 
 
+# ------------------------------------------------------------------------------------------------------------
+# A run is its whole config: a workdir records the configs it was started with, and refuses others.
+
+#: Fields that change how a run is executed or reported, not what it trains: a workdir resumes with them
+#: changed, and a sweep reuses a run whatever they were.
+EXECUTION_FIELDS = ('dataset.data_dir', 'dataset.download', 'checkpoint', 'eval_every_epochs',
+                    'steps_per_dispatch', 'eval_batch_size')
+#: How long a run trains. A workdir's run may be continued into a longer one: its first epochs are the same.
+LENGTH_FIELDS = ('num_epochs', 'num_train_steps')
+CONFIG_FILE = 'config.json'
+SAVER_THREADS = 'cwreg-checkpoint-save'
+_ABSENT = '(absent)'
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def training_config(config) -> dict[str, Any]:
+    """The fields of a config (or of its to_dict()) that decide what a run trains: flat, as JSON stores them."""
+    tree = config if isinstance(config, dict) else config.to_dict()
+    flat = json.loads(json.dumps(_flatten(tree), default=str))  # tuples and lists compare equal
+    return {k: v for k, v in flat.items() if k not in EXECUTION_FIELDS}
+
+
+def config_differences(recorded, asked, ignore: Sequence[str] = ()) -> list[str]:
+    """'field: recorded -> asked' for each field that decides what a run trains and differs between the two."""
+    old, new = training_config(recorded), training_config(asked)
+    return [f'{k}: {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}' for k in sorted(set(old) | set(new))
+            if k not in ignore and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+
+
+def _read_json(path: str) -> Optional[Any]:
+    """The contents of a JSON file; None, with a warning naming it, if it is truncated or unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        logging.warning('%s is unreadable (%s: %s); ignoring it.', path, type(e).__name__, e)
+        return None
+
+
+def _write_json(path: str, value: Any) -> None:
+    """Writes whole or not at all: a reader (or a kill) never sees half a file."""
+    partial = f'{path}.{os.getpid()}.tmp'
+    with open(partial, 'w') as f:
+        json.dump(value, f, indent=2, default=str)
+    os.replace(partial, path)
+
+
+def recorded_configs(group_dir: str) -> Optional[list[dict[str, Any]]]:
+    """The configs a group directory was started with (config.json; results.json of a workdir without)."""
+    recorded = None
+    if os.path.exists(os.path.join(group_dir, CONFIG_FILE)):
+        recorded = _read_json(os.path.join(group_dir, CONFIG_FILE))
+        recorded = recorded.get('runs') if isinstance(recorded, dict) else None
+    elif os.path.exists(os.path.join(group_dir, 'results.json')):
+        result = _read_json(os.path.join(group_dir, 'results.json'))
+        recorded = [result['config']] if isinstance(result, dict) and 'config' in result else None
+    return recorded if isinstance(recorded, list) and all(isinstance(c, dict) for c in recorded) else None
+
+
+def check_workdir_config(group_dir: str, configs: Sequence[ml_collections.ConfigDict]) -> None:
+    """Raises ConfigMismatchError, listing the differing fields, if `group_dir` holds runs of other configs."""
+    recorded = recorded_configs(group_dir)
+    if recorded is None:
+        return
+    if len(recorded) != len(configs):
+        raise ConfigMismatchError(f'{group_dir} holds a group of {len(recorded)} run(s), not of these '
+                                  f'{len(configs)}. Use another directory, or delete this one to start over.')
+    for r, (old, new) in enumerate(zip(recorded, configs)):
+        differences = config_differences(old, new, ignore=LENGTH_FIELDS)
+        if differences:
+            which = f' (run {r} of its group)' if len(configs) > 1 else ''
+            raise ConfigMismatchError(
+                f'{group_dir} holds a run of another config{which}; fields that differ (recorded -> asked): '
+                f'{"; ".join(differences)}. Use another workdir, or delete this one to start over.')
+
+
+def _record_configs(group_dir: str, configs: Sequence[ml_collections.ConfigDict]) -> None:
+    if jax.process_index() == 0:
+        _write_json(os.path.join(group_dir, CONFIG_FILE), {'runs': [c.to_dict() for c in configs]})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints, metrics, provenance.
+
+
 def _group_key(config: ml_collections.ConfigDict) -> str:
     """Everything but seed and the penalty weights: runs sharing it can be trained as one group."""
     config = ml_collections.ConfigDict(config.to_dict())
@@ -416,10 +623,199 @@ def _quiet_orbax() -> None:
         absl_logger.addFilter(_OrbaxInfoFilter())
 
 
+class _BackendProbeFilter(std_logging.Filter):
+    """JAX logs each accelerator backend it does not find ("Unable to initialize backend 'tpu'") at INFO."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or 'Unable to initialize backend' not in record.getMessage()
+
+
+def quiet_backend_probing() -> None:
+    """Drops JAX's INFO lines about absent backends (noise on a CPU machine); call before the first device query."""
+    probe_logger = std_logging.getLogger('jax._src.xla_bridge')
+    if not any(isinstance(f, _BackendProbeFilter) for f in probe_logger.filters):
+        probe_logger.addFilter(_BackendProbeFilter())
+
+
+class _RunFiles:
+    """A group's checkpoint manager, metric writer and save worker; a `with` block closes them on every exit.
+
+    Saves are synchronous, but run on a worker thread (one at a time) while training goes on: orbax's own
+    async mode still blocks the training loop ~30 ms per save, 5 % of an MNIST epoch.
+    """
+
+    def __init__(self, group_dir: str):
+        self.group_dir = group_dir
+        # Only TensorBoard: clu's logging writer would repeat every epoch's progress line on stderr.
+        self.writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(group_dir)])
+                       if jax.process_index() == 0 else metric_writers.MultiWriter([]))
+        self.checkpoints = ocp.CheckpointManager(
+            os.path.join(group_dir, 'checkpoints'),
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
+        self._saver = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=SAVER_THREADS)
+        self._pending = None
+        self.saved_epoch = None  # the newest epoch whose checkpoint is committed
+
+    def restore(self, target: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The newest checkpoint that restores into `target`'s structure, or None if none does.
+
+        An unreadable one (truncated, corrupt) is moved aside to `corrupt_checkpoints/`, with a warning.
+        """
+        for step in sorted(self.checkpoints.all_steps(), reverse=True):
+            try:
+                restored = self.checkpoints.restore(step, args=ocp.args.StandardRestore(target))
+                self.saved_epoch = int(restored['epoch'])
+                return restored
+            except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many kinds)
+                self._move_aside(step, e)
+        self.checkpoints.reload()
+        return None
+
+    def _move_aside(self, step: int, error: Exception) -> None:
+        path = os.path.join(self.group_dir, 'checkpoints', str(step))
+        aside = os.path.join(self.group_dir, 'corrupt_checkpoints', f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+        logging.warning('Checkpoint %s is unreadable (%s: %s); moved to %s, resuming from an older one or '
+                        'from the start.', path, type(error).__name__, str(error)[:300], aside)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(path, aside)
+        self.checkpoints.reload()
+
+    def save(self, epoch: int, snapshot: dict[str, Any]) -> None:
+        self.wait()
+        self._pending = (epoch, self._saver.submit(self.checkpoints.save, epoch,
+                                                   args=ocp.args.StandardSave(snapshot)))
+
+    def wait(self) -> None:
+        """Blocks until the pending save is committed; re-raises its error."""
+        if self._pending is not None:
+            (epoch, future), self._pending = self._pending, None
+            future.result()
+            self.saved_epoch = epoch
+
+    def __enter__(self) -> '_RunFiles':
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        try:
+            self.wait()
+        except Exception as save_error:  # pylint: disable=broad-except
+            if error is None:
+                raise
+            # Another error stops the run already: report the save's too rather than lose it.
+            logging.error('The checkpoint save pending when the run stopped failed too: %r', save_error)
+        finally:
+            self._saver.shutdown()
+            self.checkpoints.close()
+            self.writer.close()
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training; str() says where, and what a rerun resumes from."""
+
+
+def _interrupted(files: _RunFiles, epoch: int, num_epochs: int, step: int, num_steps: int,
+                 checkpointing: bool) -> TrainingInterrupted:
+    try:
+        files.wait()  # the save under way is what a rerun resumes from
+    except Exception as e:  # pylint: disable=broad-except
+        logging.error('The checkpoint save under way when the run was stopped failed: %r', e)
+    where = f'Stopped in epoch {epoch + 1}/{num_epochs} at step {step}/{num_steps} of {files.group_dir}'
+    if not checkpointing:
+        return TrainingInterrupted(f'{where}; config.checkpoint is off, so the same command starts it over.')
+    if files.saved_epoch is None:
+        return TrainingInterrupted(f'{where}, before its first checkpoint; the same command starts it over.')
+    return TrainingInterrupted(f'{where}; the same command resumes it from its checkpoint of epoch '
+                               f'{files.saved_epoch}.')
+
+
+def run_command(main: Callable[[], Any]) -> Any:
+    """Runs a launch script's work so that what a user causes ends in one line on stderr, not a traceback.
+
+    Ctrl-C and SIGTERM say where the run stopped and that the same command resumes it (exit status 130 and
+    143); a config the run cannot use, or a dataset not prepared, prints what to change (status 2).
+    """
+    stopped_by = []
+
+    def on_sigterm(signum, frame):
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        return main()
+    except KeyboardInterrupt as e:
+        message = str(e) if isinstance(e, TrainingInterrupted) else (
+            'Stopped before training began; the same command starts it again (from its last checkpoint, '
+            'if it has one).')
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(128 + (stopped_by[0] if stopped_by else signal.SIGINT))
+    except (ConfigError, data_lib.DatasetNotPreparedError) as e:
+        print(f'Error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _git_commit(directory: str) -> Optional[str]:
+    """HEAD of the git checkout holding `directory` (with '-dirty' for uncommitted changes), if there is one."""
+    try:
+        head = subprocess.run(['git', '-C', directory, 'rev-parse', 'HEAD'], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(['git', '-C', directory, 'status', '--porcelain', '--untracked-files=no'],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ('-dirty' if dirty else '') if head else None
+
+
+@functools.lru_cache(maxsize=1)
+def provenance() -> dict[str, Any]:
+    """What produced a result: code versions and the devices it ran on (recorded in results.json)."""
+    try:
+        version = importlib.metadata.version('cwreg')
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return {
+        'cwreg': version,
+        'git_commit': _git_commit(os.path.dirname(os.path.abspath(__file__))),
+        'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
+        'optax': optax.__version__, 'orbax_checkpoint': ocp.__version__,
+        'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+        'process_count': jax.process_count(), 'backend': jax.default_backend(),
+    }
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return '?'
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f'{hours}:{minutes:02d}:{secs:02d}'
+
+
+def _steps_per_second(rate: float) -> str:
+    return f'{rate:,.0f}' if rate >= 100 else f'{rate:.3g}'
+
+
+def progress_line(epoch: int, num_epochs: int, step: int, num_steps: int, summary: dict[str, np.ndarray],
+                  rate: float) -> str:
+    """The one line a run prints per epoch: where it is, the epoch's metrics, speed and time left."""
+    values = '  '.join(f'{k} {_brief(v)}' for k, v in summary.items())
+    eta = (num_steps - step) / rate if rate > 0 else float('nan')
+    return (f'epoch {epoch + 1}/{num_epochs}  step {step}/{num_steps}  {values}  '
+            f'{_steps_per_second(rate)} steps/s  ETA {_duration(eta)}')
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training.
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains one run, checkpointing every epoch (resumes from `workdir`), and writes results.json.
 
-    Raises NonFiniteLossError as soon as the loss is not finite.
+    Raises ConfigError before training for a config it cannot run or a workdir holding another config's run,
+    NonFiniteLossError as soon as the loss is not finite, and TrainingInterrupted on Ctrl-C or SIGTERM.
     """
     return train_group([config], [workdir], workdir, on_nonfinite='raise')[0]
 
@@ -431,7 +827,8 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     Args:
       configs: one config per run; all equal except `seed`, `penalty.weight`, `weight_penalty.weight`.
       workdirs: one directory per run (results.json goes there).
-      group_dir: where the group's checkpoints and metrics go (a resumed group continues from there).
+      group_dir: where the group's config.json, checkpoints and metrics go (a resumed group continues from
+        there; one holding other configs raises ConfigMismatchError).
       on_nonfinite: 'raise' stops at the first non-finite loss; 'record' marks that run 'diverged' (its
         results.json says so) and trains the others on.
       save_variables: also write each run's final variables to `<workdir>/final_variables.msgpack`.
@@ -442,25 +839,29 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     for config in configs:
         validate_config(config)
     if len({_group_key(c) for c in configs}) > 1:
-        raise ValueError('Runs of a group may differ only in seed and penalty weights.')
+        raise ConfigError('Runs of a group may differ only in seed and penalty weights.')
+    group_dir = os.path.abspath(group_dir)
+    check_workdir_config(group_dir, configs)
+    os.makedirs(group_dir, exist_ok=True)
+    with _RunFiles(group_dir) as files:
+        return _train_group(configs, workdirs, files, on_nonfinite, save_variables)
+
+
+def _train_group(configs, workdirs, files: _RunFiles, on_nonfinite: str, save_variables: bool):
     start_time = time.time()
     config = configs[0]
     num_runs = len(configs)
-    group_dir = os.path.abspath(group_dir)
-    os.makedirs(group_dir, exist_ok=True)
-    writer = metric_writers.create_default_writer(group_dir, just_logging=jax.process_index() > 0)
+    group_dir = files.group_dir
+    writer = files.writer
     writer.write_hparams(_flat_hparams(config))
 
     dataset = load_data(config)
+    num_train = len(dataset.train.labels)
+    num_steps = check_data_fits(config, num_train)
     task = Task.from_config(config, dataset.num_classes)
     num_devices = jax.local_device_count()
     global_batch = config.batch_size
-    num_train = len(dataset.train.labels)
     steps_per_epoch = num_train // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f'batch_size {global_batch} exceeds the {num_train} training examples.')
-    num_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else int(round(config.num_epochs * steps_per_epoch)))
     num_epochs = math.ceil(num_steps / steps_per_epoch)
 
     tx = create_optimizer(config)
@@ -471,23 +872,22 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     rngs = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(c.seed), 2)) for c in configs])
     diverged = [None] * num_runs
 
-    # Saves are synchronous, but run on a worker thread (one at a time) while training goes on: orbax's own
-    # async mode still blocks the training loop ~30 ms per save, 5 % of an MNIST epoch.
-    checkpoints = ocp.CheckpointManager(
-        os.path.join(group_dir, 'checkpoints'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
-    saver = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    pending_save = None
     first_epoch = 0
-    if checkpoints.latest_step() is not None:
-        restored = checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(
-            {'state': state, 'epoch': 0, 'diverged': np.zeros(num_runs, np.int64)}))
+    restored = files.restore({'state': state, 'epoch': 0, 'diverged': np.zeros(num_runs, np.int64)})
+    if restored is not None:
+        if int(restored['state'].step) > num_steps:
+            raise ConfigMismatchError(
+                f'{group_dir} holds a run trained for {int(restored["state"].step)} steps, more than the '
+                f'{num_steps} asked for (num_epochs={config.num_epochs}, num_train_steps='
+                f'{config.num_train_steps}). Use another workdir, or delete this one to start over.')
         state, first_epoch = restored['state'], int(restored['epoch'])
         diverged = [int(s) or None for s in restored['diverged']]
         logging.info('Resumed %s at epoch %d (step %d).', group_dir, first_epoch, int(state.step))
+    _record_configs(group_dir, configs)
 
     images, labels = replicate(dataset.train.images), replicate(dataset.train.labels)
-    eval_arrays = shard(_eval_layout(dataset.eval, config.eval_batch_size, num_devices))
+    eval_arrays = shard(_eval_layout(dataset.eval, global_batch,
+                                     eval_step_size(config.eval_batch_size, global_batch), num_devices))
     p_state, p_weights = replicate(state), replicate(weights)
     p_rngs = replicate(rngs)
     # Runs are vmapped (axis 0 of state, order, weights, rng); devices are mapped around them.
@@ -505,58 +905,46 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
         return compiled[count](p_state, images, labels, p_order, replicate(np.int32(first_step)), p_weights,
                                p_rngs)
 
-    progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer, every_secs=60)
     step = int(state.step)
     logging.info('Training %d run(s) of %s: %d epochs × %d steps, batch %d on %d device(s).', num_runs,
                  describe(config), num_epochs, steps_per_epoch, global_batch, num_devices)
-    timer, first_step = time.time(), step
-    for epoch in range(first_epoch, num_epochs):
-        p_order = replicate(np.stack([epoch_order(c.seed, epoch, num_train) for c in configs]))
-        in_epoch, epoch_metrics = 0, []
-        while in_epoch < steps_per_epoch and step < num_steps:
-            per_dispatch = config.steps_per_dispatch if task.fuse_steps else 1
-            count = min(per_dispatch, steps_per_epoch - in_epoch, num_steps - step)
-            p_state, metrics = run_steps(p_state, p_order, in_epoch, count)
-            # Fetching blocks, which also paces XLA's CPU collectives (they deadlock if 100+ are queued).
-            metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # (runs, steps)
+    timer, first_step, epoch = time.time(), step, first_epoch
+    try:
+        for epoch in range(first_epoch, num_epochs):
+            p_order = replicate(np.stack([epoch_order(c.seed, epoch, num_train) for c in configs]))
+            in_epoch, epoch_metrics = 0, []
+            while in_epoch < steps_per_epoch and step < num_steps:
+                per_dispatch = config.steps_per_dispatch if task.fuse_steps else 1
+                count = min(per_dispatch, steps_per_epoch - in_epoch, num_steps - step)
+                p_state, metrics = run_steps(p_state, p_order, in_epoch, count)
+                # Fetching blocks, which also paces XLA's CPU collectives (they deadlock if 100+ are queued).
+                metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # (runs, steps)
+                _check_finite(metrics, step, diverged, configs, on_nonfinite)
+                epoch_metrics.append(metrics)
+                in_epoch += count
+                step += count
+            summary = _epoch_summary(task, epoch_metrics, global_batch)
+            if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == num_epochs:
+                summary.update(_evaluate(p_eval, p_state, eval_arrays, task, prefix='eval_'))
+            rate = (step - first_step) / max(time.time() - timer, 1e-9)
             for r in range(num_runs):
-                bad = np.flatnonzero(~np.isfinite(metrics['loss'][r] + metrics['penalty'][r]))
-                if bad.size and diverged[r] is None:
-                    diverged[r] = step + int(bad[0]) + 1
-                    message = (f'Non-finite training loss at step {diverged[r]}: {describe(configs[r])}; '
-                               f'loss={metrics["loss"][r][bad[0]]}, penalty={metrics["penalty"][r][bad[0]]}.')
-                    if on_nonfinite == 'raise':
-                        raise NonFiniteLossError(message)
-                    logging.warning('%s The run is recorded as diverged.', message)
-            epoch_metrics.append(metrics)
-            in_epoch += count
-            step += count
-            progress(step)
-        summary = _epoch_summary(task, epoch_metrics, global_batch)
-        if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == num_epochs:
-            summary.update(_evaluate(p_eval, p_state, eval_arrays, task, prefix='eval_'))
-        for r in range(num_runs):
-            writer.write_scalars(step, {f'{k}/run{r}' if num_runs > 1 else k: v[r] for k, v in summary.items()})
-        rate = (step - first_step) / max(time.time() - timer, 1e-9)
-        logging.info('epoch %d/%d  step %d/%d  %s  %.0f steps/s  ETA %s', epoch + 1, num_epochs, step,
-                     num_steps, '  '.join(f'{k}={_brief(v)}' for k, v in summary.items()), rate,
-                     time.strftime('%H:%M:%S', time.gmtime((num_steps - step) / max(rate, 1e-9))))
-        if config.checkpoint:
-            # A host copy: the next dispatch donates p_state's buffers.
-            snapshot = {'state': jax.device_get(unreplicate(p_state)), 'epoch': epoch + 1,
-                        'diverged': np.array([d or 0 for d in diverged], np.int64)}
-            if pending_save is not None:
-                pending_save.result()  # re-raises a failed save
-            pending_save = saver.submit(checkpoints.save, epoch + 1, args=ocp.args.StandardSave(snapshot))
-    if pending_save is not None:
-        pending_save.result()
-    saver.shutdown()
-    checkpoints.close()
+                writer.write_scalars(step, {f'{k}/run{r}' if num_runs > 1 else k: v[r]
+                                            for k, v in summary.items()})
+            writer.write_scalars(step, {'steps_per_sec': rate})
+            if jax.process_index() == 0:
+                print(progress_line(epoch, num_epochs, step, num_steps, summary, rate), flush=True)
+            if config.checkpoint:
+                # A host copy: the next dispatch donates p_state's buffers.
+                files.save(epoch + 1, {'state': jax.device_get(unreplicate(p_state)), 'epoch': epoch + 1,
+                                       'diverged': np.array([d or 0 for d in diverged], np.int64)})
+        files.wait()  # results only once every checkpoint is safe
+    except KeyboardInterrupt:
+        raise _interrupted(files, epoch, num_epochs, step, num_steps, bool(config.checkpoint)) from None
     train_seconds = time.time() - timer
     final = _evaluate(p_eval, p_state, eval_arrays, task)
     writer.flush()
-    results = []
     final_state = unreplicate(p_state)
+    results = []
     for r, (run_config, workdir) in enumerate(zip(configs, workdirs)):
         result = {
             **run_identity(run_config),
@@ -572,21 +960,38 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
             'status': 'diverged' if diverged[r] else 'finished',
             'diverged_at_step': diverged[r],
             'config': run_config.to_dict(),
+            'provenance': provenance(),
         }
         if jax.process_index() == 0:
-            os.makedirs(workdir, exist_ok=True)
-            if save_variables:
-                variables = {'params': final_state.params, 'batch_stats': final_state.batch_stats}
-                variables = jax.tree.map(lambda x: np.asarray(x[r]), variables)
-                with open(os.path.join(workdir, 'final_variables.msgpack'), 'wb') as f:
-                    f.write(flax.serialization.msgpack_serialize(
-                        {k: v for k, v in variables.items() if v is not None}))
-            with open(os.path.join(workdir, 'results.json'), 'w') as f:
-                json.dump(result, f, indent=2, default=str)
+            _write_results(workdir, result, final_state, r if save_variables else None)
         logging.info('Final %s of %s: error=%s loss=%s penalty=%s', result['eval_split'],
                      describe(run_config), result['error'], result['loss'], result['penalty_value'])
         results.append(result)
     return results
+
+
+def _check_finite(metrics, step: int, diverged: list, configs, on_nonfinite: str) -> None:
+    """Marks runs whose loss or penalty went non-finite in this chunk; raises instead for 'raise'."""
+    for r in range(len(configs)):
+        bad = np.flatnonzero(~np.isfinite(metrics['loss'][r] + metrics['penalty'][r]))
+        if bad.size and diverged[r] is None:
+            diverged[r] = step + int(bad[0]) + 1
+            message = (f'Non-finite training loss at step {diverged[r]}: {describe(configs[r])}; '
+                       f'loss={metrics["loss"][r][bad[0]]}, penalty={metrics["penalty"][r][bad[0]]}.')
+            if on_nonfinite == 'raise':
+                raise NonFiniteLossError(message)
+            logging.warning('%s The run is recorded as diverged.', message)
+
+
+def _write_results(workdir: str, result: dict[str, Any], final_state, run: Optional[int]) -> None:
+    """results.json (and, for `run` not None, that run's final variables) in `workdir`."""
+    os.makedirs(workdir, exist_ok=True)
+    if run is not None:
+        variables = {'params': final_state.params, 'batch_stats': final_state.batch_stats}
+        variables = jax.tree.map(lambda x: np.asarray(x[run]), variables)
+        with open(os.path.join(workdir, 'final_variables.msgpack'), 'wb') as f:
+            f.write(flax.serialization.msgpack_serialize({k: v for k, v in variables.items() if v is not None}))
+    _write_json(os.path.join(workdir, 'results.json'), result)
 
 
 def _state_axes(state):

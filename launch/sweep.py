@@ -3,8 +3,25 @@ r"""λ search + 5 seeds for every regularizer of one scenario (the paper's proto
   python launch/sweep.py --config=configs/mnist_mlp.py:default --sweep_dir=workdirs/mnist_mlp_default \
       [--regularizers=baseline,cw_vr] [--seeds=5] [--max_group=6] [--config.dataset.data_dir=...]
 
-Re-running the same command skips finished runs and resumes interrupted ones. Independent regularizers can
-go to parallel processes by giving each process its own --regularizers.
+--config=FILE:SCENARIO (its regularizer is ignored; the sweep sets each one in turn):
+  configs/mnist_mlp.py          scenarios: default, size1k, size5k, width2, width8
+  configs/mnist_autoencoder.py  scenarios: default
+  configs/cifar10_cnn.py        scenarios: default, size1k, size5k, width32, width512, momentum, rmsprop
+  configs/cifar100_cnn.py       scenarios: default, size1k, size5k, width32, width512, classes4, classes16,
+                                classes64
+  configs/resnet.py             scenarios: resnet32, resnet110
+  --regularizers: any of baseline, l1w, l2w, cr, cw_cr, vr, cw_vr, l1r
+
+--config.FIELD=VALUE overrides any field; configs/default.py gives each one's meaning and default:
+  scenario, seed, batch_size, num_epochs, num_train_steps, eval_batch_size, eval_every_epochs,
+  steps_per_dispatch, checkpoint, weight_decay,
+  dataset.{name, data_dir, validation, train_size, num_classes, augment, download},
+  model.{name, width, depth}, penalty.{name, weight, layer}, weight_penalty.{name, weight, layer},
+  optimizer.{name, learning_rate, momentum, schedule, boundaries, decay_factor}
+
+Re-running the same command skips finished runs and resumes interrupted ones; a run counts as finished only
+if its results.json records the config asked for (a changed field trains it again). Independent
+regularizers can go to parallel processes by giving each process its own --regularizers.
 """
 
 import os
@@ -33,9 +50,11 @@ def main(argv):
     import tensorflow as tf
     tf.config.experimental.set_visible_devices([], 'GPU')
     from cwreg import sweep
-    chosen = sweep.run_sweep(FLAGS.config, FLAGS.sweep_dir, regularizers=FLAGS.regularizers,
-                             grid=[float(w) for w in FLAGS.weights], seeds=range(FLAGS.seeds),
-                             max_group=FLAGS.max_group)
+    from cwreg import train
+    train.quiet_backend_probing()
+    chosen = train.run_command(lambda: sweep.run_sweep(
+        FLAGS.config, FLAGS.sweep_dir, regularizers=FLAGS.regularizers, grid=[float(w) for w in FLAGS.weights],
+        seeds=range(FLAGS.seeds), max_group=FLAGS.max_group))
     print('Chosen λ:', ', '.join(f'{r}={w}' for r, w in chosen.items()))
 
 

@@ -3,7 +3,25 @@ r"""Trains one run of a paper scenario and prints its test error.
   python launch/train.py --config=configs/mnist_mlp.py:cw_vr --workdir=/tmp/mnist_cw_vr \
       [--config.penalty.weight=0.1 --config.penalty.layer=layer4 --config.dataset.data_dir=...]
 
-A workdir that holds checkpoints resumes from the latest one.
+--config=FILE:REGULARIZER,SCENARIO (both optional: baseline, default):
+  configs/mnist_mlp.py          scenarios: default, size1k, size5k, width2, width8
+  configs/mnist_autoencoder.py  scenarios: default
+  configs/cifar10_cnn.py        scenarios: default, size1k, size5k, width32, width512, momentum, rmsprop
+  configs/cifar100_cnn.py       scenarios: default, size1k, size5k, width32, width512, classes4, classes16,
+                                classes64
+  configs/resnet.py             scenarios: resnet32, resnet110
+  regularizers: baseline, l1w, l2w, cr, cw_cr, vr, cw_vr, l1r
+
+--config.FIELD=VALUE overrides any field; configs/default.py gives each one's meaning and default:
+  scenario, seed, batch_size, num_epochs, num_train_steps, eval_batch_size, eval_every_epochs,
+  steps_per_dispatch, checkpoint, weight_decay,
+  dataset.{name, data_dir, validation, train_size, num_classes, augment, download},
+  model.{name, width, depth}, penalty.{name, weight, layer}, weight_penalty.{name, weight, layer},
+  optimizer.{name, learning_rate, momentum, schedule, boundaries, decay_factor}
+
+A workdir remembers its config (config.json): the same command resumes a stopped run from its last
+checkpoint, and a different config in the same workdir stops before training, listing the fields that
+differ. Prints one line per epoch; metrics go to TensorBoard (the workdir), the final ones to results.json.
 """
 
 import os
@@ -38,9 +56,10 @@ def main(argv):
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; GPUs use NCCL
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     from cwreg import train
+    train.quiet_backend_probing()
     logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                  jax.local_devices())
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    results = train.run_command(lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir))
     metric = 'error (%)' if results['error'] is not None else 'MSE'
     value = results['error'] if results['error'] is not None else results['loss']
     print(f"{results['scenario']} {results['regularizer']} (λ={results['weight']}, seed {results['seed']}): "

@@ -338,6 +338,38 @@ def test_decoded_arrays_are_cached_and_invalidated_with_the_files(real_data_dir,
   np.testing.assert_array_equal(again.eval.labels, first.train.labels[50_000:])
 
 
+@pytest.mark.parametrize('damage', ['truncate', 'overwrite', 'empty'])
+def test_a_corrupt_cache_is_rebuilt_with_a_warning(damage, real_data_dir, tmp_path, monkeypatch, caplog):
+  """A truncated, overwritten or empty cache file: a warning naming it, the arrays read from the tfds files
+  again, and a good cache written in its place (mutation caught: np.load without the guard raises)."""
+  data_dir = str(tmp_path / 'tfds')
+  shutil.copytree(os.path.join(real_data_dir, 'mnist'), os.path.join(data_dir, 'mnist'),
+                  ignore=shutil.ignore_patterns(data._ARRAY_CACHE))
+  first = data.load_dataset('mnist', data_dir=data_dir, validation=True)
+  cache_dir = os.path.join(os.fspath(tfds.builder('mnist', data_dir=data_dir).data_path), data._ARRAY_CACHE)
+  (name,) = os.listdir(cache_dir)
+  path = os.path.join(cache_dir, name)
+  size = os.path.getsize(path)
+  with open(path, 'r+b') as f:
+    if damage == 'overwrite':
+      f.seek(size // 2)
+      f.write(b'\xff' * 4096)
+    else:
+      f.truncate(0 if damage == 'empty' else size // 2)
+  reads = []
+  read_split = data._read_split
+  monkeypatch.setattr(data, '_read_split', lambda b, split: reads.append(split) or read_split(b, split))
+  with caplog.at_level('WARNING'):
+    again = data.load_dataset('mnist', data_dir=data_dir, validation=True)
+  assert reads == ['train']
+  assert any(path in r.getMessage() and 'corrupt' in r.getMessage() for r in caplog.records), caplog.text
+  np.testing.assert_array_equal(again.train.images, first.train.images)
+  np.testing.assert_array_equal(again.eval.labels, first.eval.labels)
+  assert os.path.getsize(path) == size  # rebuilt
+  data.load_dataset('mnist', data_dir=data_dir, validation=True)
+  assert reads == ['train']  # and served from it again
+
+
 def test_mock_data_is_never_cached():
   with _mock():
     builder = tfds.builder('mnist', data_dir='/nonexistent')

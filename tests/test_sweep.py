@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -144,3 +145,86 @@ def test_unknown_regularizer_fails_before_training(tiny_sweep, tmp_path):
     base, _, _ = tiny_sweep
     with pytest.raises(ValueError, match='cw_vr'):
         sweep.run_sweep(base, str(tmp_path), regularizers=('cw_xx',))
+
+
+def _record_trained(monkeypatch) -> list:
+    trained = []
+    original = train.train_group
+
+    def record(configs, workdirs, *args, **kwargs):
+        trained.extend(workdirs)
+        return original(configs, workdirs, *args, **kwargs)
+
+    monkeypatch.setattr(train, 'train_group', record)
+    return trained
+
+
+@pytest.mark.parametrize('field,value', [('optimizer.learning_rate', 1e-3), ('penalty.layer', 'layer3'),
+                                         ('model.width', 8), ('dataset.train_size', 200), ('batch_size', 50),
+                                         ('num_epochs', 3), ('optimizer.name', 'sgd'), ('weight_decay', 1e-4)])
+def test_a_finished_run_is_reused_only_for_its_whole_config(tiny_sweep, field, value):
+    """Mutation caught: the done-check comparing only (regularizer, λ, seed, phase, epochs), as before."""
+    base, sweep_dir, chosen = tiny_sweep
+    workdir = sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=0)
+    config = sweep.run_config(base, 'cw_vr', chosen['cw_vr'], 0, validation=False)
+    assert sweep.status(workdir, config) == 'finished'
+    other = ml_collections.ConfigDict(config.to_dict())
+    section, _, name = field.rpartition('.')
+    (other[section] if section else other)[name] = value
+    assert sweep.status(workdir, other) is None
+
+
+def test_where_the_data_is_and_how_often_to_evaluate_do_not_make_another_run(tiny_sweep):
+    base, sweep_dir, chosen = tiny_sweep
+    config = ml_collections.ConfigDict(sweep.run_config(base, 'cw_vr', chosen['cw_vr'], 0, False).to_dict())
+    config.dataset.data_dir, config.eval_every_epochs, config.steps_per_dispatch = '/elsewhere', 7, 3
+    config.eval_batch_size, config.checkpoint = 500, False
+    assert sweep.status(sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=0), config) == 'finished'
+
+
+def test_a_changed_base_config_retrains_and_chosen_weight_reads_only_its_runs(tiny_sweep, tmp_path, monkeypatch):
+    base, sweep_dir, chosen = tiny_sweep
+    sweep_dir = str(shutil.copytree(sweep_dir, tmp_path / 'sweep'))
+    other = ml_collections.ConfigDict(base.to_dict())
+    other.optimizer.learning_rate = 1e-3
+    # Runs of the old config are not runs of the new one: chosen_weight(…, base) sees none of them.
+    assert sweep.chosen_weight(sweep_dir, 'cw_vr', base) == chosen['cw_vr']
+    assert sweep.chosen_weight(sweep_dir, 'cw_vr', other) is None
+    assert sweep.chosen_weight(sweep_dir, 'cw_vr') == chosen['cw_vr']  # without a config: every run counts
+    trained = _record_trained(monkeypatch)
+    sweep.run_sweep(other, sweep_dir, regularizers=('baseline',), grid=(0.01, 1.0), seeds=(0,),
+                    statistics=False)
+    assert trained == [sweep.run_dir(sweep_dir, 'baseline', 'select'),
+                       sweep.run_dir(sweep_dir, 'baseline', 'final', seed=0)]
+    for workdir in trained:
+        assert _results(workdir)['config']['optimizer']['learning_rate'] == 1e-3
+
+
+def test_chosen_weight_ignores_a_select_run_of_another_config(tiny_sweep, tmp_path):
+    base, sweep_dir, chosen = tiny_sweep
+    sweep_dir = str(shutil.copytree(sweep_dir, tmp_path / 'sweep'))
+    other = 1.0 if chosen['cw_vr'] == 0.01 else 0.01
+    workdir = sweep.run_dir(sweep_dir, 'cw_vr', 'select', weight=other)
+    result = _results(workdir)
+    result['error'] = -1.0  # the best, were it of this config
+    result['config']['model']['width'] = 32
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(result, f)
+    assert sweep.chosen_weight(sweep_dir, 'cw_vr', base) == chosen['cw_vr']
+    assert sweep.chosen_weight(sweep_dir, 'cw_vr') == other
+
+
+def test_a_truncated_results_json_is_named_and_its_run_retrained(tiny_sweep, tmp_path, monkeypatch, caplog):
+    base, sweep_dir, chosen = tiny_sweep
+    sweep_dir = str(shutil.copytree(sweep_dir, tmp_path / 'sweep'))
+    workdir = sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=1)
+    path = os.path.join(workdir, 'results.json')
+    with open(path, 'r+') as f:
+        f.truncate(os.path.getsize(path) // 2)
+    trained = _record_trained(monkeypatch)
+    with caplog.at_level('WARNING'):
+        assert sweep.run_sweep(base, sweep_dir, regularizers=('baseline', 'cw_vr'), grid=(0.01, 1.0),
+                               seeds=(0, 1)) == chosen
+    assert trained == [workdir]
+    assert any(path in r.getMessage() and 'unreadable' in r.getMessage() for r in caplog.records), caplog.text
+    assert _results(workdir)['status'] == 'finished'

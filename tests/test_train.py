@@ -290,6 +290,184 @@ def test_group_of_runs_that_differ_beyond_seed_and_weight_is_rejected(tmp_path):
                       [str(tmp_path / 'a'), str(tmp_path / 'b')], str(tmp_path / 'group'))
 
 
+def _no_data(monkeypatch) -> None:
+  def no_data(*args, **kwargs):
+    raise AssertionError('data was loaded for an invalid config')
+
+  monkeypatch.setattr(data_lib, 'load_dataset', no_data)
+  monkeypatch.setattr(tfds, 'builder', no_data)
+
+
+# Each field of configs/default.py that has a range, a value out of it (the failure today in brackets:
+# caught by removing that field from train.FIELD_RANGES), and a fragment of the valid range the message gives.
+_OUT_OF_RANGE = [
+    ('scenario', '', 'non-empty'),
+    ('seed', -1, '[0, 2^31 - 1]'),
+    ('dataset.train_size', -5, '>= 0'),
+    ('dataset.num_classes', 1, '[2, 10]'),
+    ('dataset.num_classes', 11, '[2, 10]'),
+    ('model.width', 0, '>= 1'),  # (a Flax shape error after loading)
+    ('model.depth', 0, '>= 1'),
+    ('penalty.weight', float('nan'), 'finite'),
+    ('penalty.weight', -0.1, '>= 0'),
+    ('weight_penalty.weight', float('inf'), 'finite'),
+    ('weight_decay', -1e-4, '>= 0'),
+    ('optimizer.learning_rate', 0.0, '> 0'),  # (trains nothing and reports "finished")
+    ('optimizer.learning_rate', float('nan'), 'finite'),
+    ('optimizer.momentum', 1.0, '[0, 1)'),
+    ('optimizer.boundaries', (300, 200), 'strictly increasing'),
+    ('optimizer.boundaries', (0,), 'steps >= 1'),
+    ('optimizer.decay_factor', 0.0, '> 0'),
+    ('batch_size', 0, '>= 1'),  # (ZeroDivisionError)
+    ('num_epochs', 0, '>= 1'),  # (trains nothing and reports "finished")
+    ('num_epochs', -1, '>= 1'),
+    ('num_train_steps', 0, '-1'),  # (trains num_epochs, silently)
+    ('num_train_steps', -7, '-1'),
+    ('eval_batch_size', 0, '>= 1'),  # (ZeroDivisionError after compiling)
+    ('eval_every_epochs', 0, '>= 1'),  # (ZeroDivisionError after the first epoch)
+    ('steps_per_dispatch', 0, '>= 1'),  # (loops forever)
+    ('model.depth', 7, '6n + 2'),  # with model.name=resnet, below
+    ('batch_size', 1001, 'config.dataset.train_size'),  # the 1k scenario keeps 1000 examples
+]
+_CHOICE_FIELDS = ('dataset.name', 'model.name', 'penalty.name', 'penalty.layer', 'weight_penalty.name',
+                  'weight_penalty.layer', 'optimizer.name', 'optimizer.schedule')
+_TYPE_ONLY_FIELDS = ('dataset.data_dir', 'dataset.validation', 'dataset.augment', 'dataset.download', 'checkpoint')
+
+
+def test_every_config_field_is_checked():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  fields = set(train._flatten(default.get_config().to_dict()))
+  ranged = set(train.FIELD_RANGES) | {'dataset.num_classes'}
+  assert fields == ranged | set(_CHOICE_FIELDS), fields ^ (ranged | set(_CHOICE_FIELDS))
+  assert set(_TYPE_ONLY_FIELDS) <= set(train.FIELD_RANGES)
+  # Every field with a range beyond its type has an out-of-range case below.
+  assert ranged - set(_TYPE_ONLY_FIELDS) <= {f for f, _, _ in _OUT_OF_RANGE}
+
+
+@pytest.mark.parametrize('field,value,valid', _OUT_OF_RANGE)
+def test_out_of_range_field_fails_before_loading_data(field, value, valid, tmp_path, monkeypatch):
+  _no_data(monkeypatch)
+  overrides = {field: value}
+  if field == 'model.depth' and value == 7:
+    overrides.update({'model.name': 'resnet', 'penalty.layer': 'stage3', 'weight_penalty.layer': 'all'})
+  config = _small_mlp_config(str(tmp_path / 'tfds'), **overrides)
+  workdir = tmp_path / 'run'
+  with pytest.raises(train.ConfigError) as error:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(error.value)
+  assert f'config.{field}' in message and valid in message, message
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('field,value', [('seed', 1.5), ('model.width', True), ('checkpoint', 1),
+                                         ('dataset.validation', 'yes'), ('num_epochs', 2.5)])
+def test_wrongly_typed_field_fails(field, value, tmp_path):
+  config = _small_mlp_config(str(tmp_path / 'tfds'))
+  config.unlock()
+  *path, leaf = field.split('.')
+  target = config
+  for name in path:
+    target = target[name]
+  del target[leaf]
+  target[leaf] = value  # a locked config from the command line keeps types; one built in code may not
+  with pytest.raises(train.ConfigError, match=re.escape(f'config.{field}')):
+    train.validate_config(config)
+
+
+def test_batch_larger_than_the_loaded_data_fails_before_compiling(tmp_path, monkeypatch):
+  def no_compile(*args, **kwargs):
+    raise AssertionError('compiled although the batch does not fit the data')
+
+  monkeypatch.setattr(train, 'initial_states', no_compile)
+  config = _small_mlp_config(str(tmp_path / 'tfds'), **{'dataset.train_size': 0})
+  with _mock_tfds(num_train=60, num_test=20), pytest.raises(train.ConfigError) as error:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert 'config.batch_size' in str(error.value) and '60 training examples' in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2b. A workdir is its whole config.
+# --------------------------------------------------------------------------------------------------------
+
+
+def test_rerun_with_another_config_stops_before_training_listing_the_fields(tmp_path, monkeypatch):
+  data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
+  with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
+    train.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=1), workdir)
+  before = _read_results(workdir)
+  recorded = json.load(open(os.path.join(workdir, train.CONFIG_FILE)))
+  assert recorded == {'runs': [_as_json(_small_mlp_config(data_dir, num_epochs=1).to_dict())]}
+  _no_data(monkeypatch)
+  other = _small_mlp_config(data_dir, **{'optimizer.learning_rate': 1e-3, 'model.width': 50})
+  with pytest.raises(train.ConfigMismatchError) as error:
+    train.train_and_evaluate(other, workdir)
+  message = str(error.value)
+  assert workdir in message
+  assert 'model.width: 100 -> 50' in message and 'optimizer.learning_rate: 0.0001 -> 0.001' in message, message
+  assert 'num_epochs' not in message  # a longer run continues the recorded one
+  assert _read_results(workdir) == before and _checkpoint_steps(workdir) == [1]
+  assert json.load(open(os.path.join(workdir, train.CONFIG_FILE))) == recorded
+
+
+def test_a_workdir_of_before_config_json_is_checked_by_its_results(tmp_path, monkeypatch):
+  data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
+  with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
+    train.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=1), workdir)
+  os.remove(os.path.join(workdir, train.CONFIG_FILE))
+  _no_data(monkeypatch)
+  with pytest.raises(train.ConfigMismatchError, match='penalty.layer'):
+    train.train_and_evaluate(_small_mlp_config(data_dir, **{'penalty.layer': 'layer3'}), workdir)
+
+
+def test_execution_fields_may_change_and_a_run_may_grow_but_not_shrink(tmp_path):
+  data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
+  with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
+    train.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=2), workdir)
+    # Where the data is, how often to evaluate, how steps are dispatched: the same run resumes.
+    grown = train.train_and_evaluate(_small_mlp_config(
+        str(tmp_path / 'elsewhere'), num_epochs=3, eval_every_epochs=1, steps_per_dispatch=10), workdir)
+    assert (grown['epochs'], grown['steps']) == (3, 30)
+    with pytest.raises(train.ConfigMismatchError, match='trained for 30 steps, more than the 20'):
+      train.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=2), workdir)
+  assert _read_results(workdir)['steps'] == 30
+
+
+def test_eval_penalty_is_over_training_size_batches(tmp_path):
+  """The evaluation's Ω is the mean of Ω over the split's full batches of the TRAINING batch size, whatever
+  eval_batch_size is (mutation caught: eval batches of eval_batch_size, as before)."""
+  config = _small_mlp_config(str(tmp_path / 'tfds'), batch_size=100)
+  task = train.Task.from_config(config, num_classes=10)
+  rng = np.random.default_rng(0)
+  split = data_lib.Split(rng.uniform(size=(250, 28, 28, 1)).astype(np.float32),
+                         (np.arange(250) % 10).astype(np.int32))
+  state = train.initial_states(task, train.create_optimizer(config), split.images, [0])
+  p_state = train.replicate(jax.device_get(state).replace(step=np.asarray(state.step[0])))
+  p_eval = train.device_map(jax.vmap(functools.partial(train.eval_chunk, task),
+                                     in_axes=(train._state_axes(p_state), None, None, None)))
+  variables = {'params': jax.tree.map(lambda x: x[0], state.params)}
+  _, inter = task.model.apply(variables, split.images, train=False, mutable=['intermediates'])
+  z = inter['intermediates']['layer5'][0]
+  # The training step's own penalty function, on the two full batches of 100 (the last 50 do not count).
+  expected = np.mean([train._penalty_value(task, {'layer5': z[i:i + 100]}, split.labels[i:i + 100], None)
+                      for i in (0, 100)])
+  for eval_batch_size in (30, 100, 250, 1000):
+    arrays = train.shard(train._eval_layout(split, 100, train.eval_step_size(eval_batch_size, 100), 1))
+    got = train._evaluate(p_eval, p_state, arrays, task)
+    np.testing.assert_allclose(got['penalty'][0], expected, rtol=1e-5, err_msg=str(eval_batch_size))
+
+
+def test_eval_layout_gives_each_device_its_slice_of_every_training_batch():
+  split = data_lib.Split(np.arange(1001, dtype=np.float32).reshape(1001, 1, 1, 1),
+                         np.arange(1001, dtype=np.int32))
+  # eval_batch_size 1001 is no multiple of 4 devices: steps are whole batches of 100, 25 per device.
+  per_step = train.eval_step_size(1001, 100)
+  images, labels, mask = train._eval_layout(split, 100, per_step, 4)
+  assert per_step == 1000 and labels.shape == (4, 2, 10, 25)
+  np.testing.assert_array_equal(labels[1, 0, 3], np.arange(325, 350))  # device 1's slice of batch 3
+  assert mask.sum() == 1001 and labels[mask > 0].size == 1001
+  np.testing.assert_array_equal(np.sort(labels[mask > 0]), np.arange(1001))
+
+
 # --------------------------------------------------------------------------------------------------------
 # 3. A step pmapped over 4 devices equals the same step on one device holding the whole batch.
 # --------------------------------------------------------------------------------------------------------
