@@ -94,26 +94,71 @@ def _masked_floats(name: str, n: int, i: int, k: int) -> float:
     return n * i
 
 
+def load_baseline(path: str):
+    """A penalties module from a file, e.g. an earlier commit's: `git show REV:cwreg/penalties.py > FILE`."""
+    import importlib.util  # pylint: disable=g-import-not-at-top
+
+    spec = importlib.util.spec_from_file_location('baseline_penalties', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time (s) of each fn, timed in alternation so that machine drift hits all alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    while min(map(len, times.values())) < repeats or (
+            time.perf_counter() - start < 0.2 * len(fns) and min(map(len, times.values())) < 100):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def penalty_rows(shapes: Sequence[tuple[int, int, int]] = PENALTY_SHAPES,
                  names: Sequence[str] = tuple(penalties.PENALTIES), repeats: int = 5,
-                 seed: int = 0) -> list[dict]:
-    """Median time of jitted value+grad of each penalty, ours vs the masked formulation."""
+                 seed: int = 0, baseline=None) -> list[dict]:
+    """Median time of jitted value+grad of each penalty, ours vs the masked formulation (and a baseline).
+
+    The class-wise penalties are timed with integer ids (the fastest form) and with one-hot rows; the
+    masked formulation and ``baseline`` (a penalties module taking one-hot rows) get one-hot rows.
+    ``vs_baseline`` is ours / baseline, both timed in alternation in this process.
+    """
     rows = []
     for n, i, k in shapes:
         rng = np.random.default_rng(seed)
         z = jnp.asarray(np.maximum(rng.normal(size=(n, i)), 0.0).astype(np.float32))
-        y = jax.nn.one_hot(jnp.asarray(rng.integers(0, k, n)), k)
+        ids = jnp.asarray(rng.integers(0, k, n), jnp.int32)
+        y = jax.nn.one_hot(ids, k)
         for name in names:
-            ours = jax.jit(jax.value_and_grad(lambda a, b, f=penalties.PENALTIES[name]: f(a, b)))
-            row = {'penalty': name, 'N': n, 'I': i, 'K': k,
-                   'ours_ms': 1e3 * median_time(lambda: ours(z, y), repeats)}
-            if _masked_floats(name, n, i, k) <= MASKED_MAX_FLOATS:
-                masked = jax.jit(jax.value_and_grad(MASKED[name]))
-                row['masked_ms'] = 1e3 * median_time(lambda: masked(z, y), repeats)
-                row['ratio'] = row['masked_ms'] / row['ours_ms']
-                value, reference = float(ours(z, y)[0]), float(masked(z, y)[0])
-                row['rel_diff'] = abs(value - reference) / max(abs(reference), 1e-30)
-            rows.append(row)
+            f = penalties.PENALTIES[name]
+            forms = {'ids': (lambda a, b, f=f, k=k: f(a, b, num_classes=k), ids)}
+            if name in ('cw_cr', 'cw_vr'):
+                forms['one-hot'] = (lambda a, b, f=f: f(a, b), y)
+            for form, (fn, labels) in forms.items():
+                ours = jax.jit(jax.value_and_grad(fn))
+                fns = {'ours': lambda: ours(z, labels)}
+                if baseline is not None:
+                    base = jax.jit(jax.value_and_grad(lambda a, b, g=getattr(baseline, name): g(a, b)))
+                    fns['baseline'] = lambda: base(z, y)
+                if _masked_floats(name, n, i, k) <= MASKED_MAX_FLOATS:
+                    masked = jax.jit(jax.value_and_grad(MASKED[name]))
+                    fns['masked'] = lambda: masked(z, y)
+                times = _interleaved_medians(fns, repeats)
+                row = {'penalty': name, 'labels': form, 'N': n, 'I': i, 'K': k, 'ours_ms': 1e3 * times['ours']}
+                if 'baseline' in times:
+                    row['baseline_ms'] = 1e3 * times['baseline']
+                    row['vs_baseline'] = times['ours'] / times['baseline']
+                if 'masked' in times:
+                    row['masked_ms'] = 1e3 * times['masked']
+                    row['ratio'] = times['masked'] / times['ours']
+                    value, reference = float(ours(z, labels)[0]), float(masked(z, y)[0])
+                    row['rel_diff'] = abs(value - reference) / max(abs(reference), 1e-30)
+                rows.append(row)
     return rows
 
 

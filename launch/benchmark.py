@@ -1,6 +1,6 @@
 r"""Benchmarks: penalty value+grad vs the masked per-class formulation, and train-step overhead.
 
-  python launch/benchmark.py --suite=penalties
+  python launch/benchmark.py --suite=penalties [--baseline=/tmp/penalties_at_rev.py]
   python launch/benchmark.py --suite=train --models=mnist_mlp,cifar_cnn
   python launch/benchmark.py --suite=epochs --repeats=3 --config.dataset.data_dir=data/tfds   (50 MNIST epochs)
   python launch/benchmark.py --suite=sweep --config.dataset.data_dir=data/tfds    (runs per hour)
@@ -20,6 +20,8 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('suite', 'penalties', ['penalties', 'train', 'epochs', 'sweep'], 'What to time.')
 flags.DEFINE_list('penalties', 'cr,cw_cr,vr,cw_vr,l1r', 'Penalties to time.')
+flags.DEFINE_string('baseline', None, 'A penalties.py to time beside ours (--suite=penalties), e.g. '
+                    '`git show REV:cwreg/penalties.py > /tmp/p.py`: the vs_baseline column is ours/baseline.')
 flags.DEFINE_list('models', 'mnist_mlp,cifar_cnn', 'Models for --suite=train.')
 flags.DEFINE_integer('repeats', 7, 'Timed repetitions (medians are reported).')
 flags.DEFINE_integer('steps', 50, 'Steps per timed chunk (--suite=train).')
@@ -32,8 +34,12 @@ def main(argv):
     del argv
     from cwreg import bench
     if FLAGS.suite == 'penalties':
-        rows = bench.penalty_rows(names=FLAGS.penalties, repeats=FLAGS.repeats)
-        print(bench.format_table(rows, ['penalty', 'N', 'I', 'K', 'ours_ms', 'masked_ms', 'ratio', 'rel_diff']))
+        baseline = bench.load_baseline(FLAGS.baseline) if FLAGS.baseline else None
+        rows = bench.penalty_rows(names=FLAGS.penalties, repeats=FLAGS.repeats, baseline=baseline)
+        columns = ['penalty', 'labels', 'N', 'I', 'K', 'ours_ms', 'masked_ms', 'ratio', 'rel_diff']
+        if baseline is not None:
+            columns[6:6] = ['baseline_ms', 'vs_baseline']
+        print(bench.format_table(rows, columns))
     elif FLAGS.suite == 'train':
         rows = bench.train_step_rows(FLAGS.models, FLAGS.penalties, steps=FLAGS.steps, repeats=FLAGS.repeats)
         print(bench.format_table(rows, ['model', 'penalty', 'layer', 'ms_per_step', 'added_us', 'overhead_%']))
