@@ -412,7 +412,9 @@ def _statistic(z: Array, arrays: dict[str, Array], axis_name: AxisName, with_gra
     weights = arrays['weights']
     z = jnp.where(jnp.any(weights > 0, axis=1, keepdims=True), z, 0)  # rows of no class may hold NaN
     one = lambda w: run(form(1), _OneClass(w, z.shape[0], z.dtype, precision), z)
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(one, in_axes=1)(weights))
+    # One class at a time: vmapped, the K-fold temporaries of this untaken branch were allocated on every
+    # call and slowed hard labels by up to 1.7× on XLA:CPU.
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), lax.map(one, weights.T))
 
   if 'weights' not in arrays:
     return _pad(hard(z, arrays))

@@ -50,6 +50,7 @@ IDIOM_MODES = ('pmap', 'shard_map_vma', 'shard_map_no_vma')
 IDIOM_CHECKS = [f'idiom_{reduction}/{mode}/{name}' for reduction in ('pmean', 'psum')
                 for mode in IDIOM_MODES for name in NAMES]
 SHARDED_JIT_CHECKS = [f'sharded_jit_{types}/{name}' for types in ('auto', 'explicit') for name in NAMES]
+SOFT_CHECKS = [f'soft_weights_pmap/{name}' for name in CLASS_WISE]
 _RESULT_MARKER = 'MULTIDEVICE_RESULTS='
 _TIMEOUT_S = 300
 
@@ -75,10 +76,10 @@ def worker_results() -> dict:
 
 def test_worker_ran_on_four_devices(worker_results):
   assert worker_results['_devices'] == NUM_DEVICES
-  assert set(CHECKS + IDIOM_CHECKS + SHARDED_JIT_CHECKS) <= set(worker_results)
+  assert set(CHECKS + IDIOM_CHECKS + SHARDED_JIT_CHECKS + SOFT_CHECKS) <= set(worker_results)
 
 
-@pytest.mark.parametrize('check', CHECKS + IDIOM_CHECKS + SHARDED_JIT_CHECKS)
+@pytest.mark.parametrize('check', CHECKS + IDIOM_CHECKS + SHARDED_JIT_CHECKS + SOFT_CHECKS)
 def test_multidevice(worker_results, check):
   outcome = worker_results[check]
   if outcome != 'ok':
@@ -199,6 +200,35 @@ def _run_worker() -> dict:
           results[f'{mode}/{scenario}/{name}'] = str(e)
   results.update(_idiom_checks(jax, jnp, np, mesh, penalties))
   results.update(_sharded_jit_checks(jax, jnp, np, penalties))
+  results.update(_soft_weight_checks(jax, jnp, np, penalties))
+  return results
+
+
+def _soft_weight_checks(jax, jnp, np, penalties) -> dict:
+  """Mixup weights (the soft path, global weighted statistics) under pmap equal one device."""
+  rng = np.random.default_rng(3)
+  n, k = NUM_DEVICES * 5, 3
+  x = rng.normal(size=(n, 6)).astype(np.float32)
+  lam = rng.uniform(0.2, 0.8, size=(n, 1))
+  w = (lam * np.eye(k)[rng.integers(0, k, n)] + (1 - lam) * np.eye(k)[rng.integers(0, k, n)])
+  w = w.astype(np.float32)
+  split = lambda a: a.reshape((NUM_DEVICES, -1) + a.shape[1:])
+  results = {}
+  for name in CLASS_WISE:
+    key = f'soft_weights_pmap/{name}'
+    fn = getattr(penalties, name)
+    try:
+      value, grad = jax.value_and_grad(fn)(jnp.asarray(x), jnp.asarray(w))
+      per_device = lambda a, b: jax.value_and_grad(
+          lambda a: fn(a, b, axis_name=AXIS, grad_reduction='psum'))(a)
+      values, grads = jax.pmap(per_device, axis_name=AXIS)(split(x), split(w))
+      np.testing.assert_allclose(np.asarray(values), float(value), rtol=1e-5, err_msg=key)
+      e = np.asarray(grad)
+      np.testing.assert_allclose(np.asarray(grads).reshape(e.shape), e, rtol=1e-4,
+                                 atol=1e-6 * np.abs(e).max(), err_msg=key)
+      results[key] = 'ok'
+    except Exception as e:  # pylint: disable=broad-except
+      results[key] = f'{type(e).__name__}: {e}'[:3000]
   return results
 
 
