@@ -12,9 +12,11 @@ activation and S_k the samples of class k::
     ∂Ω_L1R/∂z_in   = sign(z_in) / (N I)   (the subgradient 0 at z_in = 0)
 
 With weighted labels (module docstring of :mod:`cwreg.penalties`), 1/|S_k| is w_nk/W_k and every class
-a sample has weight in contributes, centred at its own mean. They exist to check ``jax.grad`` of the penalties and to explain the regularizers: VR pulls each activation
-towards its unit's mean, cw-VR towards its class mean; CR and cw-CR do the same weighted by the covariances
-c_ij. They are written from the formulas (per-class I×I covariance matrices), not for speed: use them on
+a sample has weight in contributes, centred at its own mean.
+
+They exist to check ``jax.grad`` of the penalties and to explain the regularizers: VR pulls each
+activation towards its unit's mean, cw-VR towards its class mean; CR and cw-CR do the same weighted by the
+covariances c_ij. They are written from the formulas (per-class I×I covariance matrices), not for speed: use them on
 layers of up to a few thousand units. (The penalties differentiate CR, cw-CR, VR and cw-VR with the same
 closed forms, written for speed: for CR/cw-CR the Gram or covariance form, one product; all are checked
 against the float64 oracle.) With ``axis_name`` the statistics are those of the global batch and each
@@ -31,14 +33,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from cwreg import labels as labels_lib
-from cwreg.labels import AxisName, axis_size, psum
+from cwreg.labels import AxisName, psum
 
 Array = jax.Array
 _PRECISION = lax.Precision.HIGHEST
 
 
 def _weights(activations, labels, num_classes, where, name: Optional[str]) -> tuple[Array, Array]:
-  """(N, I) activations and dense (N, K) weights: one-hot rows for ids, the mask applied (K = 1: all-class)."""
+  """(N, I) activations and dense (N, K) weights: one-hot rows for ids, the mask applied (K=1: all-class)."""
   z = labels_lib.as_units(activations)
   mask = labels_lib.as_mask(where, z.shape[0])
   if name is None:

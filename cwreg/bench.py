@@ -149,7 +149,8 @@ def penalty_rows(shapes: Sequence[tuple[int, int, int]] = PENALTY_SHAPES,
                     masked = jax.jit(jax.value_and_grad(MASKED[name]))
                     fns['masked'] = lambda: masked(z, y)
                 times = _interleaved_medians(fns, repeats)
-                row = {'penalty': name, 'labels': form, 'N': n, 'I': i, 'K': k, 'ours_ms': 1e3 * times['ours']}
+                row = {'penalty': name, 'labels': form, 'N': n, 'I': i, 'K': k,
+                       'ours_ms': 1e3 * times['ours']}
                 if 'baseline' in times:
                     row['baseline_ms'] = 1e3 * times['baseline']
                     row['vs_baseline'] = times['ours'] / times['baseline']

@@ -500,6 +500,9 @@ def _penalty(kind: str, class_wise: bool, name: str, activations, labels, num_cl
              grad_reduction, precision) -> Array:
   """Reads the inputs of penalty ``name`` and evaluates Ω with Table 1's gradient."""
   _check_options(name, grad_reduction)
+  if axis_name is None and _explicit_batch_axes(activations) is not None:
+    options = dict(num_classes=num_classes, precision=precision) if class_wise else dict(precision=precision)
+    return _on_global_batch(PENALTIES[name], activations, labels, where, **options)
   z = labels_lib.as_units(activations)
   mask = labels_lib.as_mask(where, z.shape[0])
   num_units = z.shape[1]
@@ -584,8 +587,6 @@ def cr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_clas
     0.444444477558136
 """
   del labels, num_classes
-  if axis_name is None and _explicit_batch_axes(activations) is not None:
-    return _on_global_batch(cr, activations, None, where, precision=precision)
   return _penalty('covariance', False, 'cr', activations, None, None, where, axis_name, grad_reduction,
                   precision)
 
@@ -606,11 +607,10 @@ def cw_cr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
     >>> import jax.numpy as jnp
     >>> from cwreg import penalties
     >>> z = jnp.array([[0., 1.], [2., 3.], [4., 1.], [9., 9.]])
-    >>> float(penalties.cw_cr(z, jnp.array([0, 0, 1, -1]), num_classes=2))  # c^0_12 = 1, class 1 alone; −1: no class
+    >>> y = jnp.array([0, 0, 1, -1])  # −1: in no class
+    >>> float(penalties.cw_cr(z, y, num_classes=2))  # c^0_12 = 1; class 1 has one sample
     0.5
 """
-  if axis_name is None and _explicit_batch_axes(activations) is not None:
-    return _on_global_batch(cw_cr, activations, labels, where, num_classes=num_classes, precision=precision)
   return _penalty('covariance', True, 'cw_cr', activations, labels, num_classes, where, axis_name,
                   grad_reduction, precision)
 
@@ -633,8 +633,6 @@ def vr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_clas
     1.0
 """
   del labels, num_classes
-  if axis_name is None and _explicit_batch_axes(activations) is not None:
-    return _on_global_batch(vr, activations, None, where, precision=precision)
   return _penalty('variance', False, 'vr', activations, None, None, where, axis_name, grad_reduction,
                   precision)
 
@@ -658,8 +656,6 @@ def cw_vr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
     >>> float(penalties.cw_vr(z, jnp.array([0, 0, 1]), num_classes=2))  # v^0 = (1, 1), v^1 = 0
     0.5
 """
-  if axis_name is None and _explicit_batch_axes(activations) is not None:
-    return _on_global_batch(cw_vr, activations, labels, where, num_classes=num_classes, precision=precision)
   return _penalty('variance', True, 'cw_vr', activations, labels, num_classes, where, axis_name,
                   grad_reduction, precision)
 

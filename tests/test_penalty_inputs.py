@@ -18,7 +18,6 @@ import os
 import re
 import sys
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,7 +56,8 @@ def _branch(branch: str):
 
 def _value_and_grad(name, x, labels=None, **kwargs):
   fn = lambda a, b: getattr(penalties, name)(a, b, **kwargs)
-  value, grad = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x), None if labels is None else jnp.asarray(labels))
+  labels = None if labels is None else jnp.asarray(labels)
+  value, grad = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x), labels)
   return float(value), np.asarray(grad)
 
 
