@@ -67,7 +67,7 @@ class TrainState(train_state.TrainState):
 
 
 class ConfigError(ValueError):
-    """A config a run cannot use, or one that does not match its workdir; the message says what is accepted."""
+    """A config a run cannot use, or that does not match its workdir; the message says what is accepted."""
 
 
 class ConfigMismatchError(ConfigError):
@@ -104,8 +104,8 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-            and math.isfinite(value))
+    return (isinstance(value, (int, float, np.integer, np.floating))
+            and not isinstance(value, (bool, np.bool_)) and math.isfinite(value))
 
 
 def _is_bool(value) -> bool:
@@ -133,11 +133,13 @@ FIELD_RANGES = {
     'weight_decay': (lambda v: _is_real(v) and v >= 0, 'a finite number >= 0'),
     'optimizer.learning_rate': (lambda v: _is_real(v) and v > 0, 'a finite number > 0'),
     'optimizer.momentum': (lambda v: _is_real(v) and 0 <= v < 1, 'a number in [0, 1)'),
-    'optimizer.boundaries': (_increasing_steps, 'a strictly increasing tuple of steps >= 1, e.g. (32000, 48000)'),
+    'optimizer.boundaries': (_increasing_steps,
+                             'a strictly increasing tuple of steps >= 1, e.g. (32000, 48000)'),
     'optimizer.decay_factor': (lambda v: _is_real(v) and v > 0, 'a finite number > 0'),
     'batch_size': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
     'num_epochs': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    'num_train_steps': (lambda v: _is_int(v) and (v == -1 or v >= 1), '-1 (train num_epochs) or an integer >= 1'),
+    'num_train_steps': (lambda v: _is_int(v) and (v == -1 or v >= 1),
+                        '-1 (train num_epochs) or an integer >= 1'),
     'eval_batch_size': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
     'eval_every_epochs': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
     'steps_per_dispatch': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
@@ -157,8 +159,8 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
         if not valid(value):
             raise ConfigError(f'config.{field} must be {description}, got {value!r}.')
     if config.model.name == 'resnet' and (config.model.depth < 8 or (config.model.depth - 2) % 6):
-        raise ConfigError(f'config.model.depth must be 6n + 2 with n >= 1 for a ResNet (e.g. 20, 32, 56, 110), '
-                          f'got {config.model.depth}.')
+        raise ConfigError('config.model.depth must be 6n + 2 with n >= 1 for a ResNet (e.g. 20, 32, 56, '
+                          f'110), got {config.model.depth}.')
     dataset = config.dataset
     if dataset.num_classes:
         total = data_lib.NUM_CLASSES[dataset.name]
@@ -532,14 +534,14 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 
 def training_config(config) -> dict[str, Any]:
-    """The fields of a config (or of its to_dict()) that decide what a run trains: flat, as JSON stores them."""
+    """The fields of a config (or its to_dict()) that decide what a run trains: flat, as JSON stores them."""
     tree = config if isinstance(config, dict) else config.to_dict()
     flat = json.loads(json.dumps(_flatten(tree), default=str))  # tuples and lists compare equal
     return {k: v for k, v in flat.items() if k not in EXECUTION_FIELDS}
 
 
 def config_differences(recorded, asked, ignore: Sequence[str] = ()) -> list[str]:
-    """'field: recorded -> asked' for each field that decides what a run trains and differs between the two."""
+    """'field: recorded -> asked' for each field that decides what a run trains and differs in the two."""
     old, new = training_config(recorded), training_config(asked)
     return [f'{k}: {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}' for k in sorted(set(old) | set(new))
             if k not in ignore and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
@@ -576,7 +578,7 @@ def recorded_configs(group_dir: str) -> Optional[list[dict[str, Any]]]:
 
 
 def check_workdir_config(group_dir: str, configs: Sequence[ml_collections.ConfigDict]) -> None:
-    """Raises ConfigMismatchError, listing the differing fields, if `group_dir` holds runs of other configs."""
+    """Raises ConfigMismatchError, listing the fields that differ, if `group_dir` holds another config."""
     recorded = recorded_configs(group_dir)
     if recorded is None:
         return
@@ -627,11 +629,12 @@ class _BackendProbeFilter(std_logging.Filter):
     """JAX logs each accelerator backend it does not find ("Unable to initialize backend 'tpu'") at INFO."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or 'Unable to initialize backend' not in record.getMessage()
+        return (record.levelno >= std_logging.WARNING
+                or 'Unable to initialize backend' not in record.getMessage())
 
 
 def quiet_backend_probing() -> None:
-    """Drops JAX's INFO lines about absent backends (noise on a CPU machine); call before the first device query."""
+    """Drops JAX's INFO lines about absent backends (noise on a CPU); call before the first device query."""
     probe_logger = std_logging.getLogger('jax._src.xla_bridge')
     if not any(isinstance(f, _BackendProbeFilter) for f in probe_logger.filters):
         probe_logger.addFilter(_BackendProbeFilter())
@@ -651,8 +654,10 @@ class _RunFiles:
                        if jax.process_index() == 0 else metric_writers.MultiWriter([]))
         self.checkpoints = ocp.CheckpointManager(
             os.path.join(group_dir, 'checkpoints'),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False))
-        self._saver = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=SAVER_THREADS)
+            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
+                                                 enable_async_checkpointing=False))
+        self._saver = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                            thread_name_prefix=SAVER_THREADS)
         self._pending = None
         self.saved_epoch = None  # the newest epoch whose checkpoint is committed
 
@@ -673,7 +678,8 @@ class _RunFiles:
 
     def _move_aside(self, step: int, error: Exception) -> None:
         path = os.path.join(self.group_dir, 'checkpoints', str(step))
-        aside = os.path.join(self.group_dir, 'corrupt_checkpoints', f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        aside = os.path.join(self.group_dir, 'corrupt_checkpoints', f'{step}-{stamp}')
         logging.warning('Checkpoint %s is unreadable (%s: %s); moved to %s, resuming from an older one or '
                         'from the start.', path, type(error).__name__, str(error)[:300], aside)
         if jax.process_index() == 0:
@@ -758,7 +764,7 @@ def run_command(main: Callable[[], Any]) -> Any:
 
 
 def _git_commit(directory: str) -> Optional[str]:
-    """HEAD of the git checkout holding `directory` (with '-dirty' for uncommitted changes), if there is one."""
+    """HEAD of the git checkout holding `directory` ('-dirty' with uncommitted changes), if there is one."""
     try:
         head = subprocess.run(['git', '-C', directory, 'rev-parse', 'HEAD'], capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
@@ -990,7 +996,8 @@ def _write_results(workdir: str, result: dict[str, Any], final_state, run: Optio
         variables = {'params': final_state.params, 'batch_stats': final_state.batch_stats}
         variables = jax.tree.map(lambda x: np.asarray(x[run]), variables)
         with open(os.path.join(workdir, 'final_variables.msgpack'), 'wb') as f:
-            f.write(flax.serialization.msgpack_serialize({k: v for k, v in variables.items() if v is not None}))
+            f.write(flax.serialization.msgpack_serialize(
+                {k: v for k, v in variables.items() if v is not None}))
     _write_json(os.path.join(workdir, 'results.json'), result)
 
 

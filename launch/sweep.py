@@ -53,8 +53,8 @@ def main(argv):
     from cwreg import train
     train.quiet_backend_probing()
     chosen = train.run_command(lambda: sweep.run_sweep(
-        FLAGS.config, FLAGS.sweep_dir, regularizers=FLAGS.regularizers, grid=[float(w) for w in FLAGS.weights],
-        seeds=range(FLAGS.seeds), max_group=FLAGS.max_group))
+        FLAGS.config, FLAGS.sweep_dir, regularizers=FLAGS.regularizers,
+        grid=[float(w) for w in FLAGS.weights], seeds=range(FLAGS.seeds), max_group=FLAGS.max_group))
     print('Chosen λ:', ', '.join(f'{r}={w}' for r, w in chosen.items()))
 
 

@@ -338,7 +338,8 @@ def test_decoded_arrays_are_cached_and_invalidated_with_the_files(real_data_dir,
   np.testing.assert_array_equal(again.eval.labels, first.train.labels[50_000:])
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'overwrite', 'empty'])
+@pytest.mark.parametrize('damage', ['truncate', pytest.param('overwrite', marks=pytest.mark.slow),
+                                    pytest.param('empty', marks=pytest.mark.slow)])
 def test_a_corrupt_cache_is_rebuilt_with_a_warning(damage, real_data_dir, tmp_path, monkeypatch, caplog):
   """A truncated, overwritten or empty cache file: a warning naming it, the arrays read from the tfds files
   again, and a good cache written in its place (mutation caught: np.load without the guard raises)."""

@@ -196,7 +196,8 @@ def test_run_command_prints_a_config_error_without_a_traceback(capsys):
   with pytest.raises(SystemExit) as exit_:
     train.run_command(work)
   assert exit_.value.code == 2
-  assert capsys.readouterr().err == 'Error: /w holds a run of another config; fields that differ: seed: 0 -> 1.\n'
+  err = capsys.readouterr().err
+  assert err == 'Error: /w holds a run of another config; fields that differ: seed: 0 -> 1.\n'
 
 
 # The launch scripts themselves, on mock data: the parent stops them once a checkpoint exists.
@@ -225,8 +226,8 @@ def _launch(tmp_path, name: str, args: list[str], num_train: int, delay: float) 
              PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
   env.pop('JAX_PLATFORMS', None)  # let JAX probe for accelerators, as a user's run does
   with open(tmp_path / f'{name}.out', 'w') as out, open(tmp_path / f'{name}.err', 'w') as err:
-    return subprocess.Popen([sys.executable, str(script), T.TESTS_DIR] + args[:1] + [str(num_train), str(delay)]
-                            + args[1:], cwd=REPO_ROOT, env=env, stdout=out, stderr=err)
+    command = [sys.executable, str(script), T.TESTS_DIR, args[0], str(num_train), str(delay), *args[1:]]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=err)
 
 
 def _stop_after_first_checkpoint(proc: subprocess.Popen, pattern: str, signum: int) -> None:
@@ -311,7 +312,7 @@ def test_one_progress_line_per_epoch_on_stdout_and_none_in_the_logs(tmp_path, ca
   lines = capsys.readouterr().out.splitlines()
   matches = [_PROGRESS.match(line) for line in lines]
   assert all(matches) and len(lines) == 3, lines
-  assert [m.group(1) for m in matches] == ['1', '2', '3'] and [m.group(2) for m in matches] == ['10', '20', '30']
+  assert [(m.group(1), m.group(2)) for m in matches] == [('1', '10'), ('2', '20'), ('3', '30')]
   assert [bool(m.group(3)) for m in matches] == [False, True, True]  # evaluated every 2 epochs and at the end
   assert not [r for r in caplog.records if 'train_loss' in r.getMessage()], caplog.text
 
@@ -319,7 +320,8 @@ def test_one_progress_line_per_epoch_on_stdout_and_none_in_the_logs(tmp_path, ca
 def test_progress_line_rounds_its_numbers():
   line = train.progress_line(2, 50, 1500, 25_000, {'train_loss': np.array([0.123456789]),
                                                     'train_error': np.array([12.3456789])}, 1234.5678)
-  assert line == 'epoch 3/50  step 1500/25000  train_loss 0.1235  train_error 12.35  1,235 steps/s  ETA 0:00:19'
+  assert line == ('epoch 3/50  step 1500/25000  train_loss 0.1235  train_error 12.35  1,235 steps/s  '
+                  'ETA 0:00:19')
   assert train.progress_line(0, 1, 1, 100_000, {}, 0.5).endswith('0.5 steps/s  ETA 55:33:18')
 
 

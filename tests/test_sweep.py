@@ -182,7 +182,8 @@ def test_where_the_data_is_and_how_often_to_evaluate_do_not_make_another_run(tin
     assert sweep.status(sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=0), config) == 'finished'
 
 
-def test_a_changed_base_config_retrains_and_chosen_weight_reads_only_its_runs(tiny_sweep, tmp_path, monkeypatch):
+def test_a_changed_base_config_retrains_and_chosen_weight_reads_only_its_runs(tiny_sweep, tmp_path,
+                                                                              monkeypatch):
     base, sweep_dir, chosen = tiny_sweep
     sweep_dir = str(shutil.copytree(sweep_dir, tmp_path / 'sweep'))
     other = ml_collections.ConfigDict(base.to_dict())

@@ -168,7 +168,17 @@ def _smoke_config(family: str, scenario: str, index: int, data_dir: str) -> ml_c
   return config
 
 
-@pytest.mark.parametrize('family,scenario', [c for c in _SMOKE_CASES if c not in _ABSTRACT_ONLY])
+# The fast subset (-m "not slow") steps every MLP/autoencoder scenario and one per convnet family; the other
+# convnet scenarios (10-30 s each on a 2-core CPU, mostly compiling) only change sizes, and are slow.
+_FAST_SMOKE = {('cifar10_cnn', 'default'), ('cifar100_cnn', 'classes16'), ('resnet', 'resnet32')}
+
+
+def _smoke_param(case):
+  slow = case[0] not in ('mnist_mlp', 'mnist_autoencoder') and case not in _FAST_SMOKE
+  return pytest.param(*case, marks=pytest.mark.slow) if slow else pytest.param(*case)
+
+
+@pytest.mark.parametrize('family,scenario', [_smoke_param(c) for c in _SMOKE_CASES if c not in _ABSTRACT_ONLY])
 def test_one_step_of_every_config(family, scenario, tmp_path):
   index = _SMOKE_CASES.index((family, scenario))
   config = _smoke_config(family, scenario, index, str(tmp_path / 'tfds'))
@@ -331,7 +341,8 @@ _OUT_OF_RANGE = [
 ]
 _CHOICE_FIELDS = ('dataset.name', 'model.name', 'penalty.name', 'penalty.layer', 'weight_penalty.name',
                   'weight_penalty.layer', 'optimizer.name', 'optimizer.schedule')
-_TYPE_ONLY_FIELDS = ('dataset.data_dir', 'dataset.validation', 'dataset.augment', 'dataset.download', 'checkpoint')
+_TYPE_ONLY_FIELDS = ('dataset.data_dir', 'dataset.validation', 'dataset.augment', 'dataset.download',
+                     'checkpoint')
 
 
 def test_every_config_field_is_checked():
@@ -403,7 +414,8 @@ def test_rerun_with_another_config_stops_before_training_listing_the_fields(tmp_
     train.train_and_evaluate(other, workdir)
   message = str(error.value)
   assert workdir in message
-  assert 'model.width: 100 -> 50' in message and 'optimizer.learning_rate: 0.0001 -> 0.001' in message, message
+  assert 'model.width: 100 -> 50' in message, message
+  assert 'optimizer.learning_rate: 0.0001 -> 0.001' in message, message
   assert 'num_epochs' not in message  # a longer run continues the recorded one
   assert _read_results(workdir) == before and _checkpoint_steps(workdir) == [1]
   assert json.load(open(os.path.join(workdir, train.CONFIG_FILE))) == recorded
