@@ -347,7 +347,9 @@ def test_results_record_provenance(tmp_path):
   assert provenance['device_count'] == jax.device_count()
   head = subprocess.run(['git', '-C', REPO_ROOT, 'rev-parse', 'HEAD'], capture_output=True, text=True)
   if head.returncode == 0:
-    assert provenance['git_commit'].removesuffix('-dirty') == head.stdout.strip()
+    # The commit when this process first asked (HEAD may have moved since): one of HEAD's history.
+    commit = provenance['git_commit'].removesuffix('-dirty')
+    assert subprocess.run(['git', '-C', REPO_ROOT, 'merge-base', '--is-ancestor', commit, 'HEAD']).returncode == 0
 
 
 _CONFIGS = {'configs/mnist_mlp.py': mnist_mlp, 'configs/mnist_autoencoder.py': mnist_autoencoder,
