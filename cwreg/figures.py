@@ -70,9 +70,9 @@ def run_layer_dependency(base: ml_collections.ConfigDict, layer_dir: str, sweep_
     """Trains each regularizer on each layer with the λ its sweep chose (final protocol, test split)."""
     progress = sweep.Progress(total=len(regularizers) * len(layers) * len(seeds))
     for name in regularizers:
-        weight = sweep.chosen_weight(sweep_dir, name)
+        weight = sweep.chosen_weight(sweep_dir, name, base)  # only λ searches of this very config
         if weight is None:
-            raise ValueError(f'{sweep_dir} has no finished λ search for {name}.')
+            raise ValueError(f'{sweep_dir} has no finished λ search for {name} with this config.')
         for layer in layers:
             configs, workdirs = [], []
             for seed in seeds:

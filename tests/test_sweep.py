@@ -229,3 +229,17 @@ def test_a_truncated_results_json_is_named_and_its_run_retrained(tiny_sweep, tmp
     assert trained == [workdir]
     assert any(path in r.getMessage() and 'unreadable' in r.getMessage() for r in caplog.records), caplog.text
     assert _results(workdir)['status'] == 'finished'
+
+
+def test_layer_dependency_reads_only_the_lambda_search_of_its_config(monkeypatch, tmp_path):
+    """Figures 2-3 train each layer with the λ chosen by the sweep of the same config, not of any run."""
+    base = mnist_mlp.get_config('cw_vr')
+    asked, trained = [], []
+    monkeypatch.setattr(sweep, 'chosen_weight', lambda d, name, b=None: asked.append(b) or 0.1)
+    monkeypatch.setattr(sweep, '_train', lambda configs, *args: trained.extend(configs))
+    figures.run_layer_dependency(base, str(tmp_path / 'layers'), str(tmp_path / 'sweep'), ['cw_vr'],
+                                 ['layer3'])
+    assert asked == [base] and [c.penalty.layer for c in trained] == ['layer3']
+    monkeypatch.setattr(sweep, 'chosen_weight', lambda d, name, b=None: None)
+    with pytest.raises(ValueError, match='no finished λ search for cw_vr with this config'):
+        figures.run_layer_dependency(base, str(tmp_path / 'l2'), str(tmp_path / 'sweep'), ['cw_vr'], ['layer3'])
