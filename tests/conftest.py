@@ -31,3 +31,38 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
   prepare.prepare_dataset('cifar10_partial', source_dir=CIFAR10_PARTIAL_SOURCE_DIR,
                           data_dir=data_dir)
   return data_dir
+
+
+# Too slow for the fast subset (`python -m pytest -m "not slow"`, the README's quick check): CI's full
+# suite runs them. Prefixes of node ids, with what makes each slow.
+_SLOW_PREFIXES = (
+    'tests/test_multidevice.py',  # a 4-device subprocess compiling every check
+    'tests/test_analytic.py::test_check_grads_f64_if_supported',  # third-order finite differences
+    'tests/test_analytic.py::test_check_grads_f32',
+    'tests/test_penalties.py::test_values_match_reference_random_cases',  # hypothesis shapes
+    'tests/test_penalties.py::test_accelerator_branch_equals_cpu_branch_and_reference',
+    'tests/test_penalty_inputs.py::test_padding_ids_zero_rows_and_where_give_the_unpadded_penalty[cw_cr-shape1',
+    'tests/test_penalty_inputs.py::test_padding_ids_zero_rows_and_where_give_the_unpadded_penalty[cw_vr-shape1',
+    'tests/test_data.py::test_real_mnist',  # real data: preparing MNIST and CIFAR
+    'tests/test_data.py::test_real_cifar10_partial',
+    'tests/test_data.py::test_decoded_arrays_are_cached_and_invalidated_with_the_files',
+    'tests/test_data.py::test_a_corrupt_cache_is_rebuilt_with_a_warning',
+    'tests/test_data.py::test_prepare_cifar10_from_python_batches_via_cli',
+    'tests/test_train.py::test_one_step_of_every_config[resnet',  # convnets on CPU
+    'tests/test_train.py::test_one_step_of_every_config[cifar',
+    'tests/test_train.py::test_group_equals_separate_runs',  # multi-epoch training
+    'tests/test_train.py::test_nonfinite_loss_raises_or_is_recorded_while_the_group_trains_on',
+    'tests/test_train.py::test_resume_after_first_epoch_equals_uninterrupted_run',
+    'tests/test_train.py::test_execution_fields_may_change_and_a_run_may_grow_but_not_shrink',
+    'tests/test_faults.py::test_a_corrupt_latest_checkpoint_resumes_from_the_newest_intact_one',
+    'tests/test_faults.py::test_no_intact_checkpoint_starts_over',
+    'tests/test_bench.py::test_train_step_rows_report_overheads_and_the_product_floor',
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if item.nodeid.startswith(_SLOW_PREFIXES):
+      item.add_marker(pytest.mark.slow)
