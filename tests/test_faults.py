@@ -258,7 +258,8 @@ def test_launch_train_stops_in_one_line_resumes_and_refuses_another_config(tmp_p
   args = ['launch/train.py', '--config=configs/mnist_mlp.py:cw_vr,size1k', f'--workdir={workdir}',
           f'--config.dataset.data_dir={tmp_path / "tfds"}', '--config.num_epochs=3',
           '--config.eval_batch_size=50', '--config.steps_per_dispatch=4']
-  proc = _launch(tmp_path, 'stopped', args, T._NUM_TRAIN, delay=2.0)
+  # 8 s before each epoch: under CI's load the first checkpoint's commit can lag by seconds.
+  proc = _launch(tmp_path, 'stopped', args, T._NUM_TRAIN, delay=8.0)
   _stop_after_first_checkpoint(proc, os.path.join(workdir, 'checkpoints', '[0-9]*'), signal.SIGINT)
   out, err = _outputs(tmp_path, 'stopped')
   assert proc.returncode == 130, err[-3000:]
@@ -291,7 +292,7 @@ def test_launch_sweep_stops_in_one_line_on_sigterm(tmp_path):
   args = ['launch/sweep.py', '--config=configs/mnist_mlp.py:size1k', f'--sweep_dir={sweep_dir}',
           '--regularizers=baseline', '--seeds=1', f'--config.dataset.data_dir={tmp_path / "tfds"}',
           '--config.num_epochs=3', '--config.eval_batch_size=50', '--config.steps_per_dispatch=4']
-  proc = _launch(tmp_path, 'sweep', args, 11_000, delay=2.0)  # the λ search holds out 10k examples
+  proc = _launch(tmp_path, 'sweep', args, 11_000, delay=8.0)  # the λ search holds out 10k examples
   _stop_after_first_checkpoint(proc, os.path.join(sweep_dir, 'baseline', 'group_*', 'checkpoints', '[0-9]*'),
                                signal.SIGTERM)
   out, err = _outputs(tmp_path, 'sweep')
