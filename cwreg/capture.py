@@ -44,7 +44,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 import flax
 import flax.core.scope
 import flax.linen as nn
-import jax
 
 PathLike = Union[str, Sequence[Union[str, int]]]
 CollectionFilter = Any  # bool, str, a sequence of collection names or nn.DenyList, as in `Module.apply`.
