@@ -57,6 +57,25 @@ _SLOW_PREFIXES = (
     'tests/test_faults.py::test_a_corrupt_latest_checkpoint_resumes_from_the_newest_intact_one',
     'tests/test_faults.py::test_no_intact_checkpoint_starts_over',
     'tests/test_bench.py::test_train_step_rows_report_overheads_and_the_product_floor',
+    # Multi-epoch trainer and sweep runs on mock data (5-25 s each).
+    'tests/test_sweep.py::test_layout_and_phases',
+    'tests/test_sweep.py::test_a_changed_base_config_retrains_and_chosen_weight_reads_only_its_runs',
+    'tests/test_sweep.py::test_final_runs_follow_a_changed_choice_of_lambda',
+    'tests/test_sweep.py::test_rerun_trains_only_missing_runs',
+    'tests/test_sweep.py::test_representation_figures',
+    'tests/test_sweep.py::test_a_truncated_results_json_is_named_and_its_run_retrained',
+    'tests/test_train.py::test_eval_penalty_is_over_training_size_batches',
+    'tests/test_train.py::test_rerun_with_another_config_stops_before_training_listing_the_fields',
+    'tests/test_train.py::test_validation_run_reports_the_selection_phase',
+    'tests/test_train.py::test_a_workdir_of_before_config_json_is_checked_by_its_results',
+    'tests/test_train.py::test_resnet110_builds_and_steps_abstractly',
+    'tests/test_train.py::test_one_step_of_every_config[mnist_mlp-size',
+    'tests/test_train.py::test_one_step_of_every_config[mnist_mlp-width',
+    'tests/test_faults.py::test_a_failed_save_is',
+    'tests/test_faults.py::test_results_record_provenance',
+    'tests/test_faults.py::test_ctrl_c_says_where_the_run_stopped_and_closes_everything',
+    'tests/test_penalty_inputs.py::test_padding_ids_zero_rows_and_where_give_the_unpadded_penalty[cw_cr-shape0-default',
+    'tests/test_penalty_inputs.py::test_padding_ids_zero_rows_and_where_give_the_unpadded_penalty[cw_vr-shape0-default',
 )
 
 
