@@ -402,3 +402,16 @@ def test_docstring_examples_run():
   for module in (penalties, capture):
     failures, tried = doctest.testmod(module)
     assert tried > 0 and failures == 0, module.__name__
+
+
+def test_gram_form_gradient_survives_a_value_rounded_to_zero():
+  """A tiny off-diagonal part rounds the Gram form's value to ≤ 0; the gradient must stay Table 1's.
+
+  Catches: the gradient multiplied by (difference > 0), as before this change.
+  """
+  z = np.array([[1.0, 1e-4, 0.0], [-1.0, -1e-4, 0.0]]) + 3.0
+  assert penalties.use_gram_form(2, 3, 1)
+  _check_bounds('cr', z, np.zeros(2, int), 1, value_bound=None,
+                small_bound=penalties.gram_form_error_bound(3))
+  _, grad = _value_and_grad('cr', z.astype(np.float32))
+  assert np.all(grad[:, 1] != 0)  # the off-diagonal pull on the small unit
