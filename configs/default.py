@@ -28,12 +28,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.train_size = 0  # >0: keep the first n training examples (paper's 1k/5k scenarios)
     config.dataset.num_classes = 0  # >0: keep classes 0..k-1 (paper's CIFAR-100 16/64-class scenarios)
     config.dataset.augment = False  # pad-4 random crop + horizontal flip, on device (ResNet)
+    config.dataset.standardize = False  # True: (x - mean) / std with the training split's pixel mean and std
     config.dataset.download = True  # online: let tfds download a missing dataset; offline: launch/prepare_data.py
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'mlp'  # mlp, cnn, resnet, autoencoder
     config.model.width = 100  # MLP hidden width; CNN fully-connected width
     config.model.depth = 5  # MLP hidden layers; ResNet depth (32, 110)
+    config.model.kernel_init = 'lecun_normal'  # Flax's default; 'glorot_uniform' is TF 1.x's (the paper's)
+    config.model.bias_init = 0.0  # constant initial bias of every Dense/Conv layer
+    config.model.dropout = 0.0  # >0: dropout with this rate after every hidden layer (MLP, CNN)
+    config.model.batchnorm = False  # batch normalization before every hidden ReLU (MLP, CNN)
 
     config.penalty = ml_collections.ConfigDict()
     config.penalty.name = 'none'  # none, cr, cw_cr, vr, cw_vr, l1r
@@ -51,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.name = 'adam'  # adam, momentum, rmsprop, sgd
     config.optimizer.learning_rate = 1e-4
     config.optimizer.momentum = 0.9
+    # True: TF 1.x's update rules, as the paper ran them: Adam adds ε to √v before the bias correction
+    # (ε̂ of Kingma & Ba); RMSProp's accumulator starts at 1 with ε = 1e-10. False: optax's defaults.
+    config.optimizer.tf1 = False
     config.optimizer.schedule = 'constant'  # constant, piecewise
     config.optimizer.boundaries = ()  # piecewise: steps at which the rate is multiplied by decay_factor
     config.optimizer.decay_factor = 0.1

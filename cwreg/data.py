@@ -452,6 +452,21 @@ def load_dataset(
   )
 
 
+def standardized(dataset: Dataset) -> Dataset:
+  """`dataset` with both splits mapped to (x − m) / s, m and s the training split's pixel mean and std.
+
+  One scalar pair over all pixels and channels, as in the common "normalize MNIST by 0.1307/0.3081"
+  recipe; the evaluation split reuses the training statistics, so nothing of it leaks into training.
+  """
+  mean = float(np.mean(dataset.train.images, dtype=np.float64))
+  std = float(np.std(dataset.train.images, dtype=np.float64))
+  if not std > 0:
+    raise ValueError(f'Cannot standardize {dataset.name}: its training images are constant.')
+  scale = lambda split: Split(images=((split.images - np.float32(mean)) / np.float32(std)).astype(np.float32),
+                              labels=split.labels)
+  return dataclasses.replace(dataset, train=scale(dataset.train), eval=scale(dataset.eval))
+
+
 # --------------------------------------------------------------------------------------------
 # Augmentation.
 # --------------------------------------------------------------------------------------------

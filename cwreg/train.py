@@ -50,10 +50,12 @@ import orbax.checkpoint as ocp
 
 from cwreg import data as data_lib
 from cwreg import models
+from cwreg import optim
 from cwreg import penalties
 
 AXIS = 'batch'
 OPTIMIZERS = ('adam', 'momentum', 'rmsprop', 'sgd')
+KERNEL_INITS = ('lecun_normal', 'glorot_uniform')
 SCHEDULES = ('constant', 'piecewise')
 NO_PENALTY = 'none'
 
@@ -126,13 +128,19 @@ FIELD_RANGES = {
     'dataset.train_size': (lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0: every training example)'),
     'dataset.augment': (_is_bool, 'True or False'),
     'dataset.download': (_is_bool, 'True or False'),
+    'dataset.standardize': (_is_bool, 'True or False'),
     'model.width': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
     'model.depth': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
+    'model.kernel_init': (lambda v: v in KERNEL_INITS, f'one of {KERNEL_INITS}'),
+    'model.bias_init': (_is_real, 'a finite number'),
+    'model.dropout': (lambda v: _is_real(v) and 0 <= v < 1, 'a rate in [0, 1) (0: no dropout)'),
+    'model.batchnorm': (_is_bool, 'True or False'),
     'penalty.weight': (lambda v: _is_real(v) and v >= 0, 'a finite number >= 0'),
     'weight_penalty.weight': (lambda v: _is_real(v) and v >= 0, 'a finite number >= 0'),
     'weight_decay': (lambda v: _is_real(v) and v >= 0, 'a finite number >= 0'),
     'optimizer.learning_rate': (lambda v: _is_real(v) and v > 0, 'a finite number > 0'),
     'optimizer.momentum': (lambda v: _is_real(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    'optimizer.tf1': (_is_bool, 'True or False'),
     'optimizer.boundaries': (_increasing_steps,
                              'a strictly increasing tuple of steps >= 1, e.g. (32000, 48000)'),
     'optimizer.decay_factor': (lambda v: _is_real(v) and v > 0, 'a finite number > 0'),
@@ -218,11 +226,11 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
         learning_rate = optax.piecewise_constant_schedule(
             opt.learning_rate, {int(b): opt.decay_factor for b in opt.boundaries})
     if opt.name == 'adam':
-        return optax.adam(learning_rate)
+        return optim.tf1_adam(learning_rate) if opt.tf1 else optax.adam(learning_rate)
     if opt.name == 'momentum':
         return optax.sgd(learning_rate, momentum=opt.momentum)
     if opt.name == 'rmsprop':
-        return optax.rmsprop(learning_rate)
+        return optim.tf1_rmsprop(learning_rate) if opt.tf1 else optax.rmsprop(learning_rate)
     return optax.sgd(learning_rate)
 
 
@@ -407,8 +415,9 @@ def eval_chunk(task: Task, state: TrainState, images, labels, mask, axis_name=AX
 def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
     """The dataset a config asks for (cached: a sweep's groups share it)."""
     d = config.dataset
-    return _load_data(d.name, d.data_dir or None, bool(d.validation), d.train_size or None,
-                      d.num_classes or None, bool(d.get('download', False)))
+    dataset = _load_data(d.name, d.data_dir or None, bool(d.validation), d.train_size or None,
+                         d.num_classes or None, bool(d.get('download', False)))
+    return data_lib.standardized(dataset) if d.get('standardize', False) else dataset
 
 
 @functools.lru_cache(maxsize=2)

@@ -539,3 +539,21 @@ def test_prepare_cifar100_from_python_files(tmp_path):
   keep = content['train'][1] < 16
   np.testing.assert_array_equal(k16.train.labels, content['train'][1][keep])
   np.testing.assert_array_equal(k16.train.images, _nhwc(content['train'][0][keep]))
+
+
+def test_standardized_uses_the_training_statistics_for_both_splits():
+  rng = np.random.default_rng(0)
+  train = rng.uniform(0.2, 0.9, (50, 4, 4, 1)).astype(np.float32)
+  test = rng.uniform(0.0, 1.0, (20, 4, 4, 1)).astype(np.float32)
+  labels = lambda n: np.zeros(n, np.int32)
+  dataset = data.Dataset(train=data.Split(train, labels(50)), eval=data.Split(test, labels(20)),
+                         num_classes=10, name='mnist')
+  out = data.standardized(dataset)
+  m, s = train.astype(np.float64).mean(), train.astype(np.float64).std()
+  np.testing.assert_allclose(out.train.images, (train - m) / s, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out.eval.images, (test - m) / s, rtol=1e-5, atol=1e-6)
+  assert out.train.images.dtype == np.float32
+  constant = data.Dataset(train=data.Split(np.ones_like(train), labels(50)), eval=dataset.eval,
+                          num_classes=10, name='mnist')
+  with pytest.raises(ValueError, match='constant'):
+    data.standardized(constant)

@@ -318,6 +318,10 @@ _OUT_OF_RANGE = [
     ('dataset.num_classes', 11, '[2, 10]'),
     ('model.width', 0, '>= 1'),  # (a Flax shape error after loading)
     ('model.depth', 0, '>= 1'),
+    ('model.kernel_init', 'glorot_normal', "'glorot_uniform'"),
+    ('model.bias_init', float('nan'), 'finite'),
+    ('model.dropout', 1.0, '[0, 1)'),  # (every unit dropped: NaN from 0 / 0)
+    ('model.dropout', -0.1, '[0, 1)'),
     ('penalty.weight', float('nan'), 'finite'),
     ('penalty.weight', -0.1, '>= 0'),
     ('weight_penalty.weight', float('inf'), 'finite'),
@@ -342,7 +346,7 @@ _OUT_OF_RANGE = [
 _CHOICE_FIELDS = ('dataset.name', 'model.name', 'penalty.name', 'penalty.layer', 'weight_penalty.name',
                   'weight_penalty.layer', 'optimizer.name', 'optimizer.schedule')
 _TYPE_ONLY_FIELDS = ('dataset.data_dir', 'dataset.validation', 'dataset.augment', 'dataset.download',
-                     'checkpoint')
+                     'dataset.standardize', 'model.batchnorm', 'optimizer.tf1', 'checkpoint')
 
 
 def test_every_config_field_is_checked():
