@@ -35,12 +35,30 @@ Naming rules:
 All models take NHWC float images in [0, 1] and ``__call__(x, train=False)``; parameters are float32
 (``param_dtype``) and ``dtype`` sets the computation dtype (e.g. ``jnp.bfloat16``), in which the sown
 values and outputs are returned, so penalties should upcast them.
+
+Dropout and batch normalization (the paper's non-penalty baselines; :class:`MLP` and :class:`CNN`), both
+off by default, when the models are bitwise the ones without them:
+
+* ``batchnorm=True`` puts ``BatchNorm`` between every hidden Dense/Conv and its ReLU, where Ioffe &
+  Szegedy (2015, sec. 3.2) put it: normalizing ``Wu`` rather than the ReLU's non-negative, sparse output
+  keeps the ReLU's input roughly Gaussian, and the ReLU then decides on a normalized value. That
+  Dense/Conv has **no bias**: in training BN subtracts the batch mean, so a bias would get exactly zero
+  gradient and cancel at evaluation too (the running mean absorbs it), a dead parameter; BN's offset β
+  takes its role (as in I&S and the ResNet below). The sown ``<name>_preact`` is the BN output, i.e. the
+  ReLU's input. Momentum 0.9, epsilon 1e-5 and ``axis_name=bn_axis_name`` as in :class:`ResNet`;
+  ``train=False`` uses the running averages (sown values included), ``train=True`` with
+  ``mutable=['batch_stats', ...]`` the batch statistics.
+* ``dropout=True`` adds a dropout layer after every hidden ReLU, *after* its sow: the sown
+  representations (and so the penalties on them) are the pre-dropout ones. The rate is a call argument,
+  ``dropout_rate``, so that it can be a traced per-run scalar of a vmapped group of runs; the randomness
+  comes from ``rngs={'dropout': key}`` and ``example_ids`` (see :func:`dropout`). ``train=False`` applies
+  no dropout.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Optional
 
 import flax.linen as nn
 import jax
@@ -53,6 +71,8 @@ PREACT_SUFFIX = '_preact'
 
 __all__ = [
     'PREACT_SUFFIX',
+    'KERNEL_INITS',
+    'dropout',
     'MLP',
     'CNN',
     'ResNet',
@@ -65,6 +85,74 @@ __all__ = [
 def _flatten(x: jax.Array) -> jax.Array:
     """Flattens all but the batch axis: ``(N, ...) -> (N, prod(...))``."""
     return x.reshape((x.shape[0], -1))
+
+
+#: Kernel initializers by config name. Flax's Dense/Conv default is LeCun normal (a truncated normal with
+#: variance 1/fan_in); TF 1.x's ``tf.layers`` default, which the paper's code used, is Glorot uniform
+#: (U(-l, l) with l = sqrt(6 / (fan_in + fan_out)), fans counting the receptive field for convolutions).
+KERNEL_INITS: dict[str, Callable[..., jax.Array]] = {
+    'lecun_normal': nn.initializers.lecun_normal(),
+    'glorot_uniform': nn.initializers.glorot_uniform(),
+}
+
+
+def _kernel_init(name: str) -> Callable[..., jax.Array]:
+    try:
+        return KERNEL_INITS[name]
+    except KeyError:
+        raise ValueError(f'Unknown kernel_init {name!r}; valid: {sorted(KERNEL_INITS)}.') from None
+
+
+def _layer_kwargs(module: nn.Module, use_bias: bool = True) -> dict[str, Any]:
+    """Dense/Conv keyword arguments of ``module``'s attributes: initializers, dtypes, whether a bias."""
+    return dict(use_bias=use_bias, kernel_init=_kernel_init(module.kernel_init),
+                bias_init=nn.initializers.constant(module.bias_init), dtype=module.dtype,
+                param_dtype=module.param_dtype)
+
+
+def _batchnorm(module: nn.Module, train: bool, name: str) -> nn.Module:
+    """Batch normalization as in :class:`ResNet`: momentum 0.9, epsilon 1e-5, synced over bn_axis_name."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        axis_name=module.bn_axis_name, dtype=module.dtype, param_dtype=module.param_dtype,
+                        name=name)
+
+
+def dropout(h: jax.Array, rate: jax.Array, key: jax.Array, example_ids: jax.Array) -> jax.Array:
+    """Inverted dropout with a traced ``rate``: zeroes each unit with probability ``rate``, scales the rest.
+
+    ``keep = u >= rate`` with ``u ~ U[0, 1)`` and ``out = where(keep, h / (1 - rate), 0)``; rate 0 keeps
+    every unit and divides by exactly 1, so it equals no dropout bitwise (values and gradients). Flax's
+    ``nn.Dropout`` needs a static rate; here it may be a per-run traced scalar of a vmapped group.
+
+    Example ``n``'s mask is drawn from ``fold_in(key, example_ids[n])`` alone, so it does not depend on
+    which other examples share the batch, nor on how a data-parallel batch is split over devices (pass
+    each example's index in the global batch).
+
+    Args:
+        h: activations ``(N, ...)``.
+        rate: drop probability in [0, 1), a scalar (may be traced).
+        key: a PRNG key, the same for every example (and device) of one layer and step.
+        example_ids: ``(N,)`` integers, distinct per example of the global batch.
+    """
+    draw = lambda i: jax.random.uniform(jax.random.fold_in(key, i), h.shape[1:], jnp.float32)
+    keep = jax.vmap(draw)(example_ids) >= rate
+    return jnp.where(keep, h / jnp.asarray(1.0 - rate, h.dtype), jnp.zeros((), h.dtype))
+
+
+def _dropout_layers(module: nn.Module, train: bool, rate: Optional[jax.Array],
+                    example_ids: Optional[jax.Array], batch: int) -> Callable[[jax.Array, int], jax.Array]:
+    """``drop(h, layer)``: dropout of hidden layer ``layer`` in training, the identity otherwise.
+
+    Layer ``l`` uses ``fold_in(make_rng('dropout'), l)``: one flax ``'dropout'`` key per call, so the caller
+    controls the randomness through ``rngs={'dropout': key}``.
+    """
+    if not (module.dropout and train):
+        return lambda h, layer: h
+    if rate is None:
+        raise ValueError(f'{type(module).__name__}(dropout=True) needs dropout_rate= in training.')
+    key = module.make_rng('dropout')
+    ids = jnp.arange(batch) if example_ids is None else example_ids
+    return lambda h, layer: dropout(h, rate, jax.random.fold_in(key, layer), ids)
 
 
 def _check_layer(model: nn.Module, layer: str) -> None:
@@ -83,10 +171,19 @@ class MLP(nn.Module):
     returned logits, ``(N, num_classes)``), and ``'layer1_preact'`` ... ``'layer5_preact'``.
     In general the output is ``f'layer{depth + 1}'``.
 
+    With ``batchnorm`` each hidden layer is ``Dense (no bias) - BatchNorm - ReLU`` (BatchNorm modules
+    ``bn{i}``); with ``dropout`` a dropout layer follows each hidden ReLU (the module docstring says why
+    and how).
+
     Attributes:
         num_classes: number of output logits.
         width: units per hidden layer.
         depth: number of hidden layers.
+        dropout: a dropout layer after every hidden ReLU (its rate is ``__call__``'s ``dropout_rate``).
+        batchnorm: batch normalization between every hidden Dense and its ReLU.
+        kernel_init: a key of :data:`KERNEL_INITS`, for every Dense kernel.
+        bias_init: the constant initial value of every Dense bias.
+        bn_axis_name: pmap/shard_map axis over which to average BN batch statistics (``None``: per device).
         dtype: computation dtype.
         param_dtype: parameter dtype.
     """
@@ -94,6 +191,11 @@ class MLP(nn.Module):
     num_classes: int = 10
     width: int = 100
     depth: int = 5
+    dropout: bool = False
+    batchnorm: bool = False
+    kernel_init: str = 'lecun_normal'
+    bias_init: float = 0.0
+    bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -118,19 +220,26 @@ class MLP(nn.Module):
         return (f'dense{layer[len("layer"):]}',)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Maps images ``(N, H, W, C)`` (or already-flat ``(N, D)``) to logits ``(N, num_classes)``."""
-        del train  # No dropout / batch norm.
+    def __call__(self, x: jax.Array, train: bool = False, dropout_rate: Optional[jax.Array] = None,
+                 example_ids: Optional[jax.Array] = None) -> jax.Array:
+        """Maps images ``(N, H, W, C)`` (or already-flat ``(N, D)``) to logits ``(N, num_classes)``.
+
+        ``train`` turns dropout on and makes BatchNorm use (and update) batch statistics;
+        ``dropout_rate`` and ``example_ids`` are described in :func:`dropout` (needed in training only,
+        with ``rngs={'dropout': key}``, and only by a model with ``dropout``).
+        """
         h = _flatten(jnp.asarray(x, self.dtype))
+        drop = _dropout_layers(self, train, dropout_rate, example_ids, h.shape[0])
         for i in range(1, self.depth + 1):
-            h = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=f'dense{i}')(h)
+            h = nn.Dense(self.width, **_layer_kwargs(self, use_bias=not self.batchnorm), name=f'dense{i}')(h)
+            if self.batchnorm:
+                h = _batchnorm(self, train, f'bn{i}')(h)
             self.sow('intermediates', f'layer{i}{PREACT_SUFFIX}', h)
             h = nn.relu(h)
             self.sow('intermediates', f'layer{i}', h)
+            h = drop(h, i)
         out_name = f'layer{self.depth + 1}'
-        logits = nn.Dense(
-            self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name=f'dense{self.depth + 1}'
-        )(h)
+        logits = nn.Dense(self.num_classes, **_layer_kwargs(self), name=f'dense{self.depth + 1}')(h)
         self.sow('intermediates', out_name, logits)
         return logits
 
@@ -156,15 +265,29 @@ class CNN(nn.Module):
 
     plus ``'conv1_preact'`` ... ``'conv4_preact'`` and ``'fc_preact'`` of the same shapes.
 
+    With ``batchnorm`` each hidden layer is ``Conv/Dense (no bias) - BatchNorm - ReLU`` (BatchNorm modules
+    ``BatchNorm_{i}`` and ``BatchNorm_fc``); with ``dropout`` a dropout layer follows each hidden ReLU, the
+    convolutions' before their max-pool.
+
     Attributes:
         num_classes: number of output logits (10 for CIFAR-10, 100 for CIFAR-100).
         fc_width: units of the fully connected hidden layer.
+        dropout: a dropout layer after every hidden ReLU (its rate is ``__call__``'s ``dropout_rate``).
+        batchnorm: batch normalization between every hidden Conv/Dense and its ReLU.
+        kernel_init: a key of :data:`KERNEL_INITS`, for every Conv and Dense kernel.
+        bias_init: the constant initial value of every Conv and Dense bias.
+        bn_axis_name: pmap/shard_map axis over which to average BN batch statistics (``None``: per device).
         dtype: computation dtype.
         param_dtype: parameter dtype.
     """
 
     num_classes: int = 10
     fc_width: int = 128
+    dropout: bool = False
+    batchnorm: bool = False
+    kernel_init: str = 'lecun_normal'
+    bias_init: float = 0.0
+    bn_axis_name: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -188,33 +311,32 @@ class CNN(nn.Module):
         return (f'Dense_{layer}',)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        """Maps images ``(N, H, W, C)`` to logits ``(N, num_classes)``."""
-        del train  # No dropout / batch norm.
+    def __call__(self, x: jax.Array, train: bool = False, dropout_rate: Optional[jax.Array] = None,
+                 example_ids: Optional[jax.Array] = None) -> jax.Array:
+        """Maps images ``(N, H, W, C)`` to logits ``(N, num_classes)``; the arguments are :class:`MLP`'s."""
         h = jnp.asarray(x, self.dtype)
+        drop = _dropout_layers(self, train, dropout_rate, example_ids, h.shape[0])
+        hidden = _layer_kwargs(self, use_bias=not self.batchnorm)
         for i, (features, pool) in enumerate(self.CONVS, start=1):
-            h = nn.Conv(
-                features,
-                kernel_size=(3, 3),
-                strides=(1, 1),
-                padding='SAME',
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f'Conv_{i}',
-            )(h)
+            h = nn.Conv(features, kernel_size=(3, 3), strides=(1, 1), padding='SAME', **hidden,
+                        name=f'Conv_{i}')(h)
+            if self.batchnorm:
+                h = _batchnorm(self, train, f'BatchNorm_{i}')(h)
             self.sow('intermediates', f'conv{i}{PREACT_SUFFIX}', h)
             h = nn.relu(h)
             self.sow('intermediates', f'conv{i}', h)
+            h = drop(h, i)
             if pool:
                 h = nn.max_pool(h, window_shape=(2, 2), strides=(2, 2), padding='VALID')
         h = _flatten(h)
-        h = nn.Dense(self.fc_width, dtype=self.dtype, param_dtype=self.param_dtype, name='Dense_fc')(h)
+        h = nn.Dense(self.fc_width, **hidden, name='Dense_fc')(h)
+        if self.batchnorm:
+            h = _batchnorm(self, train, 'BatchNorm_fc')(h)
         self.sow('intermediates', f'fc{PREACT_SUFFIX}', h)
         h = nn.relu(h)
         self.sow('intermediates', 'fc', h)
-        logits = nn.Dense(
-            self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name='Dense_logits'
-        )(h)
+        h = drop(h, len(self.CONVS) + 1)
+        logits = nn.Dense(self.num_classes, **_layer_kwargs(self), name='Dense_logits')(h)
         self.sow('intermediates', 'logits', logits)
         return logits
 
@@ -375,12 +497,16 @@ class Autoencoder(nn.Module):
     Attributes:
         hidden: units of each hidden layer.
         output_dim: size of the flattened reconstruction (784 = 28 * 28 for MNIST).
+        kernel_init: a key of :data:`KERNEL_INITS`, for every Dense kernel.
+        bias_init: the constant initial value of every Dense bias.
         dtype: computation dtype.
         param_dtype: parameter dtype.
     """
 
     hidden: tuple[int, ...] = (400, 200, 100, 200, 400)
     output_dim: int = 784
+    kernel_init: str = 'lecun_normal'
+    bias_init: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -410,12 +536,12 @@ class Autoencoder(nn.Module):
         del train  # No dropout / batch norm.
         h = _flatten(jnp.asarray(x, self.dtype))
         for i, units in enumerate(self.hidden, start=1):
-            h = nn.Dense(units, dtype=self.dtype, param_dtype=self.param_dtype, name=f'dense{i}')(h)
+            h = nn.Dense(units, **_layer_kwargs(self), name=f'dense{i}')(h)
             self.sow('intermediates', f'layer{i}{PREACT_SUFFIX}', h)
             h = nn.relu(h)
             self.sow('intermediates', f'layer{i}', h)
         out = len(self.hidden) + 1
-        h = nn.Dense(self.output_dim, dtype=self.dtype, param_dtype=self.param_dtype, name=f'dense{out}')(h)
+        h = nn.Dense(self.output_dim, **_layer_kwargs(self), name=f'dense{out}')(h)
         recon = nn.sigmoid(h)
         self.sow('intermediates', f'layer{out}', recon)
         return recon

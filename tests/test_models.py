@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -432,3 +433,85 @@ def test_every_model_lists_its_sown_names():
         assert isinstance(cls.LAYERS, tuple) and all(isinstance(n, str) for n in cls.LAYERS)
         assert not any(n.endswith(PREACT_SUFFIX) for n in cls.LAYERS)
     assert models.__all__  # Public API is declared.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dropout / batch-norm / initializer options are off by default: the models are bitwise the ones before.
+
+
+class _MLPBefore(nn.Module):
+    """cwreg.models.MLP as it was before dropout, batchnorm, kernel_init and bias_init were added."""
+
+    num_classes: int = 10
+    width: int = 100
+    depth: int = 5
+
+    @nn.compact
+    def __call__(self, x):
+        h = x.reshape((x.shape[0], -1))
+        for i in range(1, self.depth + 1):
+            h = nn.Dense(self.width, name=f'dense{i}')(h)
+            self.sow('intermediates', f'layer{i}{PREACT_SUFFIX}', h)
+            h = nn.relu(h)
+            self.sow('intermediates', f'layer{i}', h)
+        logits = nn.Dense(self.num_classes, name=f'dense{self.depth + 1}')(h)
+        self.sow('intermediates', f'layer{self.depth + 1}', logits)
+        return logits
+
+
+class _CNNBefore(nn.Module):
+    """cwreg.models.CNN as it was before those options."""
+
+    num_classes: int = 10
+    fc_width: int = 128
+
+    @nn.compact
+    def __call__(self, x):
+        h = x
+        for i, (features, pool) in enumerate(CNN.CONVS, start=1):
+            h = nn.Conv(features, kernel_size=(3, 3), strides=(1, 1), padding='SAME', name=f'Conv_{i}')(h)
+            self.sow('intermediates', f'conv{i}{PREACT_SUFFIX}', h)
+            h = nn.relu(h)
+            self.sow('intermediates', f'conv{i}', h)
+            if pool:
+                h = nn.max_pool(h, window_shape=(2, 2), strides=(2, 2), padding='VALID')
+        h = nn.Dense(self.fc_width, name='Dense_fc')(h.reshape((h.shape[0], -1)))
+        self.sow('intermediates', f'fc{PREACT_SUFFIX}', h)
+        h = nn.relu(h)
+        self.sow('intermediates', 'fc', h)
+        logits = nn.Dense(self.num_classes, name='Dense_logits')(h)
+        self.sow('intermediates', 'logits', logits)
+        return logits
+
+
+class _AutoencoderBefore(nn.Module):
+    """cwreg.models.Autoencoder as it was before kernel_init and bias_init."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = x.reshape((x.shape[0], -1))
+        for i, units in enumerate((400, 200, 100, 200, 400), start=1):
+            h = nn.Dense(units, name=f'dense{i}')(h)
+            self.sow('intermediates', f'layer{i}{PREACT_SUFFIX}', h)
+            h = nn.relu(h)
+            self.sow('intermediates', f'layer{i}', h)
+        recon = nn.sigmoid(nn.Dense(784, name='dense6')(h))
+        self.sow('intermediates', 'layer6', recon)
+        return recon
+
+
+@pytest.mark.parametrize('new,before,shape', [
+    (MLP(), _MLPBefore(), MNIST_SHAPE),
+    (MLP(width=7, depth=2, num_classes=3), _MLPBefore(width=7, depth=2, num_classes=3), MNIST_SHAPE),
+    (CNN(), _CNNBefore(), CIFAR_SHAPE),
+    (Autoencoder(), _AutoencoderBefore(), MNIST_SHAPE),
+])
+def test_default_options_give_the_models_of_before_bitwise(new, before, shape):
+    x = _images(shape, seed=5)
+    variables = jax.jit(new.init)(jax.random.key(6), x)
+    jax.tree.map(np.testing.assert_array_equal, variables, jax.jit(before.init)(jax.random.key(6), x))
+    assert set(variables) == {'params'}  # no batch_stats without batchnorm
+    for train in (False, True):  # train=True changes nothing without dropout and batch norm
+        got = jax.jit(lambda v, x: new.apply(v, x, train=train, mutable=['intermediates']))(variables, x)
+        want = jax.jit(lambda v, x: before.apply(v, x, mutable=['intermediates']))(variables, x)
+        jax.tree.map(np.testing.assert_array_equal, got, want)
