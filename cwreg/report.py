@@ -36,22 +36,46 @@ import os
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from cwreg import stats as stats_lib
 
-# Paper order (Tables 2-10), then L1R, which the paper discusses but never tabulates.
-REGULARIZER_ORDER: tuple[str, ...] = ('baseline', 'l1w', 'l2w', 'cr', 'cw_cr', 'vr', 'cw_vr', 'l1r')
+# Paper order (Tables 2-10) with the dropout and batch-norm comparisons after L2W, then L1R, which the paper
+# discusses but never tabulates.
+REGULARIZER_ORDER: tuple[str, ...] = ('baseline', 'l1w', 'l2w', 'dropout', 'batchnorm', 'cr', 'cw_cr', 'vr',
+                                      'cw_vr', 'l1r')
 
 DISPLAY_NAMES: dict[str, str] = {
     'baseline': 'Baseline',
     'l1w': 'L1W',
     'l2w': 'L2W',
+    'dropout': 'Dropout',
+    'batchnorm': 'Batch norm',
     'cr': 'CR (DeCov)',
     'cw_cr': 'cw-CR',
     'vr': 'VR',
     'cw_vr': 'cw-VR',
     'l1r': 'L1R',
 }
+
+# Regularizers without a λ: only final runs, no λ note in their cells. (Dropout's λ is its rate.)
+NO_LAMBDA: frozenset[str] = frozenset({'baseline', 'batchnorm'})
+
+# The training length of each scenario family's protocol, the one place it is stated: (unit, length, whose).
+# A table or figure of shorter runs says so in its title. MNIST: "50 epochs" (paper, Figure 2's text); the
+# CIFAR CNNs: the paper gives no length, configs/ use 50 epochs; ResNet: He et al.'s 64k iterations.
+PROTOCOL: dict[str, tuple[str, int, str]] = {
+    'mnist_mlp': ('epochs', 50, "the paper's"),
+    'mnist_autoencoder': ('epochs', 50, "the paper's"),
+    'cifar10_cnn': ('epochs', 50, "the protocol's"),
+    'cifar100_cnn': ('epochs', 50, "the protocol's"),
+    'resnet32': ('steps', 64000, "the protocol's"),
+    'resnet110': ('steps', 64000, "the protocol's"),
+}
+
+# The paper reports mean ± std over this many runs where it does not say otherwise.
+PAPER_RUNS = 5
+SIGNIFICANCE = 0.05
 
 # The paper's λ grid (Section A.1); other λ found in the results are shown too.
 LAMBDA_GRID: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
@@ -69,7 +93,7 @@ _log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One finished training run (one ``results.json``)."""
+  """One finished training run (one ``results.json``, or one line of a records file)."""
   scenario: str
   regularizer: str
   weight: float
@@ -80,6 +104,9 @@ class Run:
   loss: Optional[float]
   path: str
   stats: Optional[dict[str, float]] = None
+  epochs: Optional[int] = None
+  steps: Optional[int] = None
+  commit: Optional[str] = None
 
   @property
   def metric(self) -> Optional[float]:
@@ -96,6 +123,9 @@ class Pending:
   seed: int
   phase: str
   status: str
+  epochs: Optional[int] = None
+  steps: Optional[int] = None
+  commit: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -106,6 +136,8 @@ class LoadedRuns:
   pending: list[Pending] = dataclasses.field(default_factory=list)
   unreadable: list[str] = dataclasses.field(default_factory=list)
   duplicates: list[str] = dataclasses.field(default_factory=list)
+  # `unreadable` as the report shows them: relative to their sweep directory (no absolute paths).
+  unreadable_shown: list[str] = dataclasses.field(default_factory=list)
 
 
 def _optional_float(value: Any) -> Optional[float]:
@@ -115,7 +147,12 @@ def _optional_float(value: Any) -> Optional[float]:
   return value if math.isfinite(value) else None
 
 
-def _read_stats(results_path: str) -> Optional[dict[str, float]]:
+def _optional_int(value: Any) -> Optional[int]:
+  return None if value is None else int(value)
+
+
+def read_stats(results_path: str) -> Optional[dict[str, float]]:
+  """The Table 5 statistics in the ``stats.json`` beside ``results_path``; None if absent or unreadable."""
   path = os.path.join(os.path.dirname(results_path), 'stats.json')
   if not os.path.exists(path):
     return None
@@ -128,8 +165,133 @@ def _read_stats(results_path: str) -> Optional[dict[str, float]]:
     return None
 
 
+_read_stats = read_stats  # the old private name
+
+
+RECORD_FIELDS: tuple[str, ...] = (
+    'scenario', 'regularizer', 'weight', 'seed', 'phase', 'eval_split', 'epochs', 'steps', 'error', 'loss',
+    'penalty_value', 'status', 'wall_time_s', 'commit', 'stats')
+
+
+def normalize_result(raw: Mapping[str, Any], stats: Optional[dict[str, float]] = None) -> dict[str, Any]:
+  """The flat record (`RECORD_FIELDS`) of one ``results.json``: what the report and the records file keep.
+
+  Both `load_runs` and `cwreg.records` go through this one function, so a report built from records equals
+  the one built from the sweep directories. ``epochs`` falls back to ``config.num_epochs``; ``commit`` is
+  ``provenance.git_commit``; non-finite numbers become null (the report treats them as missing anyway).
+
+  Raises:
+    KeyError, ValueError, TypeError, AttributeError: when ``raw`` lacks scenario, regularizer or phase.
+  """
+  config = raw.get('config') or {}
+  epochs = raw.get('epochs')
+  return {
+      'scenario': str(raw['scenario']),
+      'regularizer': str(raw['regularizer']),
+      'weight': float(raw.get('weight') or 0.0),
+      'seed': int(raw.get('seed', 0)),
+      'phase': str(raw['phase']),
+      'eval_split': str(raw.get('eval_split', '')),
+      'epochs': _optional_int(epochs if epochs is not None else config.get('num_epochs')),
+      'steps': _optional_int(raw.get('steps')),
+      'error': _optional_float(raw.get('error')),
+      'loss': _optional_float(raw.get('loss')),
+      'penalty_value': _optional_float(raw.get('penalty_value')),
+      'status': str(raw.get('status')),
+      'wall_time_s': _optional_float(raw.get('wall_time_s')),
+      'commit': (raw.get('provenance') or {}).get('git_commit'),
+      'stats': stats if raw.get('phase') == 'final' else None,
+  }
+
+
+def run_of_record(record: Mapping[str, Any], path: str) -> Run | Pending:
+  """The `Run` (status finished) or `Pending` (any other status) of a `normalize_result` record.
+
+  Raises:
+    ValueError: a finished record with neither error nor loss.
+  """
+  common = dict(scenario=record['scenario'], regularizer=record['regularizer'], weight=record['weight'],
+                seed=record['seed'], phase=record['phase'])
+  extra = dict(epochs=record.get('epochs'), steps=record.get('steps'), commit=record.get('commit'))
+  if record['status'] != 'finished':
+    return Pending(**common, status=record['status'], **extra)
+  run = Run(**common, eval_split=record['eval_split'], error=record['error'], loss=record['loss'], path=path,
+            stats=record.get('stats') if record['phase'] == 'final' else None, **extra)
+  if run.metric is None:
+    raise ValueError('finished but has neither error nor loss')
+  return run
+
+
+def collect(items: Iterable[tuple[str, str, Mapping[str, Any]]], out: LoadedRuns) -> LoadedRuns:
+  """Adds ``(path, shown path, record)`` triples to ``out``.
+
+  A repeated run key keeps the last one (the earlier one is listed as a duplicate). The shown path is the one
+  the report may print (relative: never an absolute path).
+  """
+  by_key: dict[tuple[Any, ...], Run] = {(r.scenario, r.regularizer, r.phase, r.weight, r.seed): r
+                                         for r in out.runs}
+  for path, shown, record in items:
+    out.num_files += 1
+    try:
+      run = run_of_record(record, path)
+    except ValueError as e:
+      _log.warning('Skipping %s: %s.', path, e)
+      out.unreadable.append(path)
+      out.unreadable_shown.append(shown)
+      continue
+    if isinstance(run, Pending):
+      out.num_unfinished += 1
+      out.pending.append(run)
+      continue
+    key = (run.scenario, run.regularizer, run.phase, run.weight, run.seed)
+    if key in by_key:
+      out.duplicates.append(by_key[key].path)
+    by_key[key] = run
+  out.runs = list(by_key.values())
+  return out
+
+
+def results_files(sweep_dirs: Sequence[str]) -> list[tuple[str, str]]:
+  """``(absolute path, path relative to its sweep directory)`` of every results.json, sorted by path."""
+  found: dict[str, str] = {}
+  for d in sweep_dirs:
+    if not os.path.isdir(d):
+      _log.warning('Sweep directory %s does not exist.', d)
+      continue
+    for p in glob.glob(os.path.join(d, '**', 'results.json'), recursive=True):
+      found.setdefault(os.path.abspath(p), os.path.relpath(p, d))
+  return sorted(found.items())
+
+
+def read_results(sweep_dirs: Sequence[str], out: LoadedRuns) -> list[tuple[str, str, dict[str, Any]]]:
+  """``(path, shown path, normalized record)`` of every readable results.json, sorted by path.
+
+  Unreadable files (and unfinished ones too incomplete to place) are only counted in ``out``.
+  """
+  items = []
+  for path, shown in results_files(sweep_dirs):
+    try:
+      with open(path) as f:
+        raw = json.load(f)
+      if raw.get('status') != 'finished':
+        try:
+          items.append((path, shown, normalize_result(raw)))
+        except (KeyError, ValueError, TypeError, AttributeError):
+          out.num_files += 1  # counted as unfinished; too incomplete to place in a table
+          out.num_unfinished += 1
+        continue
+      stats = read_stats(path) if raw.get('phase') == 'final' else None
+      items.append((path, shown, normalize_result(raw, stats)))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+      _log.warning('Skipping unreadable %s: %r', path, e)
+      out.num_files += 1
+      out.unreadable.append(path)
+      out.unreadable_shown.append(shown)
+  return items
+
+
 def load_runs(sweep_dirs: Sequence[str]) -> LoadedRuns:
-  """Reads every finished ``results.json`` below ``sweep_dirs``.
+  """Reads every ``results.json`` below ``sweep_dirs``.
 
   A run identified by (scenario, regularizer, phase, λ, seed) that appears more than once (e.g. the same
   sweep passed twice) is counted once: the file with the lexicographically last path wins.
@@ -141,54 +303,7 @@ def load_runs(sweep_dirs: Sequence[str]) -> LoadedRuns:
     The finished runs and bookkeeping (files seen, unfinished, unreadable, duplicates).
   """
   out = LoadedRuns(runs=[])
-  paths: list[str] = []
-  for d in sweep_dirs:
-    if not os.path.isdir(d):
-      _log.warning('Sweep directory %s does not exist.', d)
-      continue
-    paths.extend(glob.glob(os.path.join(d, '**', 'results.json'), recursive=True))
-  by_key: dict[tuple[Any, ...], Run] = {}
-  for path in sorted(set(os.path.abspath(p) for p in paths)):
-    out.num_files += 1
-    try:
-      with open(path) as f:
-        raw = json.load(f)
-      if raw.get('status') != 'finished':
-        out.num_unfinished += 1
-        try:
-          out.pending.append(Pending(str(raw['scenario']), str(raw['regularizer']),
-                                     float(raw.get('weight') or 0.0), int(raw.get('seed', 0)),
-                                     str(raw['phase']), str(raw.get('status'))))
-        except (KeyError, ValueError, TypeError):
-          pass  # counted as unfinished; too incomplete to place in a table
-        continue
-      run = Run(
-          scenario=str(raw['scenario']),
-          regularizer=str(raw['regularizer']),
-          weight=float(raw.get('weight') or 0.0),
-          seed=int(raw.get('seed', 0)),
-          phase=str(raw['phase']),
-          eval_split=str(raw.get('eval_split', '')),
-          error=_optional_float(raw.get('error')),
-          loss=_optional_float(raw.get('loss')),
-          path=path,
-      )
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-      _log.warning('Skipping unreadable %s: %r', path, e)
-      out.unreadable.append(path)
-      continue
-    if run.metric is None:
-      _log.warning('Skipping %s: finished but has neither error nor loss.', path)
-      out.unreadable.append(path)
-      continue
-    if run.phase == 'final':
-      run = dataclasses.replace(run, stats=_read_stats(path))
-    key = (run.scenario, run.regularizer, run.phase, run.weight, run.seed)
-    if key in by_key:
-      out.duplicates.append(by_key[key].path)
-    by_key[key] = run
-  out.runs = list(by_key.values())
-  return out
+  return collect(read_results(sweep_dirs, out), out)
 
 
 def load_paper_results(path: str = PAPER_RESULTS_PATH) -> dict[str, Any]:
@@ -251,6 +366,7 @@ class Cell:
   stats: dict[str, Summary]
   pending_final: dict[str, int] = dataclasses.field(default_factory=dict)  # status -> count
   pending_select: dict[float, str] = dataclasses.field(default_factory=dict)  # λ -> status
+  final_by_seed: dict[int, float] = dataclasses.field(default_factory=dict)  # what paired tests pair
 
 
 def build_cells(runs: Iterable[Run], pending: Iterable[Pending] = ()) -> dict[str, dict[str, Cell]]:
@@ -283,8 +399,21 @@ def build_cells(runs: Iterable[Run], pending: Iterable[Pending] = ()) -> dict[st
           stats={k: summarize(v) for k, v in stat_values.items()},
           pending_final=dict(collections.Counter(p.status for p in wait if p.phase == 'final')),
           pending_select={p.weight: p.status for p in wait if p.phase == 'select'},
+          final_by_seed=_final_by_seed(finals, chosen),
       )
   return cells
+
+
+def _final_by_seed(finals: Sequence[Run], chosen: Optional[float]) -> dict[int, float]:
+  """{seed: metric} of the final runs of one λ: the chosen one, else the only one; {} when ambiguous."""
+  weights = {r.weight for r in finals}
+  if chosen in weights:
+    weight = chosen
+  elif len(weights) == 1:
+    weight = next(iter(weights))
+  else:  # several final λ, none of them the chosen one: no honest pairing
+    return {}
+  return {r.seed: r.metric for r in finals if r.weight == weight}
 
 
 def grouped_runs(grouped: Mapping[str, Mapping[str, list[Run]]]) -> list[Run]:
@@ -393,7 +522,7 @@ def _rank_value(summary: Summary, metric: str, style: str) -> float:
 
 
 def _weight_note(cell: Cell, regularizer: str) -> Optional[str]:
-  if regularizer == 'baseline':
+  if regularizer in NO_LAMBDA:
     return None
   if cell.chosen_weight is None:
     if cell.final_weights:
@@ -434,6 +563,210 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join(['---'] * len(header)) + '|']
   lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
   return lines
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the runs of a table are: length, seeds, selection protocol, commits.
+
+
+def family(scenario: str) -> str:
+  """``mnist_mlp`` of ``mnist_mlp/size1k`` (and of a layer-dependency run's ``mnist_mlp/default@layer3``)."""
+  return scenario.split('@')[0].split('/')[0]
+
+
+def protocol_of(scenario: str) -> Optional[tuple[str, int, str]]:
+  """``(unit, length, whose)`` of the scenario's protocol (`PROTOCOL`); None where none is stated."""
+  return PROTOCOL.get(family(scenario))
+
+
+def _count(value: int, unit: str) -> str:
+  return f'{value} {unit[:-1] if value == 1 else unit}'
+
+
+def shortfall_label(scenarios: Sequence[str], items: Sequence[Run | Pending]) -> str:
+  """`` — 10 epochs, shorter than the paper's 50`` when runs of ``scenarios`` are shorter than their
+  protocol (`PROTOCOL`), so that such a table never reads as a result; '' otherwise."""
+  parts: dict[str, None] = {}  # ordered set
+  for scenario in scenarios:
+    proto = protocol_of(scenario)
+    its = [x for x in items if x.scenario == scenario]
+    if proto is None or not its:
+      continue
+    unit, target, whose = proto
+    values = sorted({getattr(x, unit) for x in its if getattr(x, unit) is not None})
+    shown = ', '.join(str(v) for v in values[:-1]) + (' and ' if len(values) > 1 else '') + (
+        _count(values[-1], unit) if values else '')
+    if values and values[-1] < target:
+      parts[f'{shown}, shorter than {whose} {target}'] = None
+    elif values and values[0] < target:
+      parts[f'{shown}: some runs shorter than {whose} {target}'] = None
+    if any(getattr(x, unit) is None for x in its):
+      parts[f'{unit} not recorded for some runs'] = None
+  return (' — ' + '; '.join(parts)) if parts else ''
+
+
+def format_seeds(seeds: Iterable[int]) -> str:
+  """``0–4, 7, 9–10``: sorted, consecutive seeds as ranges."""
+  ordered = sorted(set(seeds))
+  spans: list[list[int]] = []
+  for seed in ordered:
+    if spans and seed == spans[-1][1] + 1:
+      spans[-1][1] = seed
+    else:
+      spans.append([seed, seed])
+  return ', '.join(f'{a}' if a == b else f'{a}–{b}' for a, b in spans)
+
+
+def _seeds_word(seeds: set[int]) -> str:
+  return 'seed' if len(seeds) == 1 else 'seeds'
+
+
+def _range(values: Iterable[int]) -> str:
+  values = sorted(set(values))
+  return f'{values[0]}' if values[0] == values[-1] else f'{values[0]}–{values[-1]}'
+
+
+def short_commit(commit: str) -> str:
+  """The 7-character hash, keeping a ``-dirty`` mark."""
+  dirty = commit.endswith('-dirty')
+  return commit[:7] + ('-dirty' if dirty else '')
+
+
+def _selection_text(items: Sequence[Run | Pending], final_seeds: set[int]) -> str:
+  seeds_of: dict[tuple[str, str, float], set[int]] = collections.defaultdict(set)
+  for x in items:
+    if x.phase == 'select':
+      seeds_of[(x.scenario, x.regularizer, x.weight)].add(x.seed)
+  if not seeds_of:
+    return 'no λ selection runs'
+  per_weight = [len(v) for v in seeds_of.values()]
+  seeds = set().union(*seeds_of.values())
+  if max(per_weight) == 1:
+    text = f'λ selection: paper protocol: 1 selection run per λ ({_seeds_word(seeds)} {format_seeds(seeds)})'
+  else:
+    text = (f'λ selection: lowest mean validation metric over S={_range(per_weight)} selection seeds per λ '
+            f'({_seeds_word(seeds)} {format_seeds(seeds)})')
+  if seeds & final_seeds:
+    text += ', not disjoint from the final seeds'
+  return text
+
+
+def protocol_line(scenarios: Sequence[str], items: Sequence[Run | Pending]) -> str:
+  """One sentence: epochs (steps where the protocol counts steps), final seeds, λ selection, commits."""
+  items = [x for x in items if x.scenario in set(scenarios)]
+  epochs = sorted({x.epochs for x in items if x.epochs is not None})
+  parts = ['epochs ' + (', '.join(map(str, epochs)) if epochs else 'not recorded')]
+  if any((protocol_of(s) or ('',))[0] == 'steps' for s in scenarios):
+    steps = sorted({x.steps for x in items if x.steps is not None})
+    parts.append('steps ' + (', '.join(map(str, steps)) if steps else 'not recorded'))
+  finals: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
+  for x in items:
+    if x.phase == 'final' and isinstance(x, Run):
+      finals[(x.scenario, x.regularizer)].add(x.seed)
+  final_seeds = set().union(*finals.values()) if finals else set()
+  if finals:
+    parts.append(f'final runs n={_range(len(v) for v in finals.values())} per cell '
+                 f'({_seeds_word(final_seeds)} {format_seeds(final_seeds)})')
+  else:
+    parts.append('no finished final runs')
+  parts.append(_selection_text(items, final_seeds))
+  commits = sorted({short_commit(x.commit) for x in items if x.commit})
+  parts.append(('commits ' if len(commits) > 1 else 'commit ') + (', '.join(commits) or 'not recorded'))
+  return 'Runs: ' + '; '.join(parts) + '.'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paired statistics: gains over the baseline, paired by seed, and their comparison with the paper's.
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+  """Mean of the paired differences a − b over the seeds both have, with a Student-t CI and p-value."""
+  mean: float
+  n: int
+  se: Optional[float]  # None for n < 2
+  low: Optional[float]
+  high: Optional[float]
+  p: Optional[float]  # two-sided paired t-test of mean = 0
+  seeds: tuple[int, ...]
+
+
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> Optional[Paired]:
+  """``a − b`` paired by seed (the keys): mean, SE = sd/√n (ddof=1), CI ± t_{(1+level)/2, n−1}·SE, p.
+
+  Returns None without a common seed. With sd = 0 the CI is the point and p is 0 (1 for a zero mean).
+  """
+  seeds = tuple(sorted(set(a) & set(b)))
+  if not seeds:
+    return None
+  d = np.array([a[s] - b[s] for s in seeds], dtype=np.float64)
+  mean, n = float(np.mean(d)), len(seeds)
+  if n < 2:
+    return Paired(mean, n, None, None, None, None, seeds)
+  se = float(np.std(d, ddof=1)) / math.sqrt(n)
+  half = float(scipy_stats.t.ppf(0.5 + level / 2, n - 1)) * se
+  if se > 0:
+    p = float(2.0 * scipy_stats.t.sf(abs(mean) / se, n - 1))
+  else:
+    p = 0.0 if mean != 0 else 1.0
+  return Paired(mean, n, se, mean - half, mean + half, p, seeds)
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperGain:
+  """The paper's mean difference and its SE √(s_a²/n_a + s_b²/n_b) (its runs are not paired)."""
+  mean: float
+  se: float
+  terms: tuple[tuple[float, int], ...]  # (variance s²/n, dof n−1) of each mean, for Welch–Satterthwaite
+
+
+def paper_gain(a: Optional[Mapping[str, Any]], b: Optional[Mapping[str, Any]]) -> Optional[PaperGain]:
+  """``a − b`` of two paper entries (mean ± std over ``n``, default `PAPER_RUNS`); None without both stds."""
+  if not a or not b or a.get('std') is None or b.get('std') is None:
+    return None
+  terms = tuple((float(e['std']) ** 2 / int(e.get('n') or PAPER_RUNS), int(e.get('n') or PAPER_RUNS) - 1)
+                for e in (a, b))
+  return PaperGain(float(a['mean']) - float(b['mean']), math.sqrt(sum(v for v, _ in terms)), terms)
+
+
+def differs_from_paper(ours: Paired, paper: PaperGain) -> Optional[float]:
+  """Two-sided p of (our gain − the paper's) / √(SE_ours² + SE_paper²), Student t with Welch–Satterthwaite
+  dof over the three variance terms (ours, n−1; the paper's two means, n−1 each). None if undefined."""
+  if ours.se is None:
+    return None
+  terms = ((ours.se ** 2, ours.n - 1),) + paper.terms
+  var = sum(v for v, _ in terms)
+  if var <= 0:
+    return None
+  dof = var ** 2 / sum(v ** 2 / k for v, k in terms if v > 0)
+  return float(2.0 * scipy_stats.t.sf(abs(ours.mean - paper.mean) / math.sqrt(var), dof))
+
+
+def _signed(x: float, metric: str) -> str:
+  return f'{x:+.2e}' if metric == 'mse' else f'{x:+.2f}'
+
+
+def format_p(p: float) -> str:
+  return 'p<0.0001' if p < 1e-4 else f'p={p:.2g}'
+
+
+def format_gain(ours: Optional[Paired], paper: Optional[PaperGain], metric: str) -> str:
+  """``-0.43 [-0.50, -0.36] (n=10, p=0.0003; paper -0.43 ± 0.07) †``; † = differs from the paper's gain."""
+  details = []
+  if ours is None:
+    text = MISSING
+  elif ours.low is None:
+    text, details = _signed(ours.mean, metric), [f'n={ours.n}']
+  else:
+    text = f'{_signed(ours.mean, metric)} [{_signed(ours.low, metric)}, {_signed(ours.high, metric)}]'
+    details = [f'n={ours.n}', format_p(ours.p)]
+  inner = ', '.join(details)
+  if paper is not None:
+    paper_text = f'paper {_signed(paper.mean, metric)} ± {format_number(paper.se, metric)}'
+    inner = f'{inner}; {paper_text}' if inner else paper_text
+  text += f' ({inner})' if inner else ''
+  p = differs_from_paper(ours, paper) if ours is not None and paper is not None else None
+  return text + (' †' if p is not None and p < SIGNIFICANCE else '')
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -534,62 +867,172 @@ column at display precision (every tied cell; partial cells count, check their n
 ResNet-110 cells read `best (mean ± std)` as in the paper and are bolded by the best run. Runs that are
 not finished (running, diverged) are treated as missing, never estimated; cells list them by status."""
 
+PROTOCOL_CONVENTIONS = """\
+Each table's `Runs:` line gives the epochs its runs trained, the final runs per cell and their seeds, the
+λ selection protocol (S selection seeds per λ; S=1 is the paper's protocol) and the code commits of the
+runs; a table whose runs are shorter than the protocol (50 epochs for every MNIST scenario) says so in its
+title. Dropout's λ is its dropout rate; the baseline and batch norm have no λ (final runs only)."""
+
+GAINS_CONVENTIONS = """\
+Gains tables: each cell is our gain over the baseline (or cw-CR − CR, cw-VR − VR), the mean of the paired
+differences regularizer − baseline over the final seeds both have (negative = lower error), with its 95 %
+CI (Student t, n−1 dof) and the two-sided paired t-test p; pairing needs one final λ per cell (the chosen
+one). Then the paper's gain (difference of its means) ± its SE √(s_r²/5 + s_b²/5), its runs being unpaired
+mean ± std over 5. † marks a gain that differs from the paper's at the 5 % level (two-sided): t = (ours −
+paper) / √(SE_ours² + SE_paper²) against Student t with Welch–Satterthwaite dof over the three variance
+terms (ours with n−1, the paper's two means with 4 each). The issue #14 lines ask whether cw-VR or L1R beats
+both dropout and batch norm: "holds (significant)" if one of them is lower than both with both paired 95 %
+CIs below 0, "holds in the means only" if one is lower than both in the mean, "n/a" when rows are missing."""
+
+COMPARISONS: tuple[tuple[str, str], ...] = (('cw_cr', 'cr'), ('cw_vr', 'vr'))
+
+
+def _pair(cells: Mapping[str, Cell], a: str, b: str) -> Optional[Paired]:
+  if a not in cells or b not in cells:
+    return None
+  return paired_difference(cells[a].final_by_seed, cells[b].final_by_seed)
+
+
+def render_gains_table(spec: TableSpec, cells: Mapping[str, Mapping[str, Cell]],
+                       paper: Mapping[str, Any]) -> list[str]:
+  """Gains over the baseline and cw-X − X per column, paired by seed, beside the paper's; [] without data."""
+  pairs = [(r, 'baseline') for r in _table_rows(spec, cells, paper) if r != 'baseline'] + list(COMPARISONS)
+  rows, any_ours = [], False
+  for a, b in pairs:
+    name = DISPLAY_NAMES.get(a, a) if b == 'baseline' else f'{DISPLAY_NAMES[a]} − {DISPLAY_NAMES[b]}'
+    row, keep = [name], False
+    for col in spec.columns:
+      ours = _pair(cells.get(col.scenario, {}), a, b)
+      theirs = paper_gain(_paper_entry(paper, col.scenario, a), _paper_entry(paper, col.scenario, b))
+      keep |= ours is not None or theirs is not None
+      any_ours |= ours is not None
+      row.append(format_gain(ours, theirs, spec.metric))
+    if keep:
+      rows.append(row)
+  if not any_ours:
+    return []
+  return _md_table(['Gain'] + [f'{c.title} (`{c.scenario}`)' for c in spec.columns], rows)
+
+
+def dropout_bn_verdict(by_reg: Mapping[str, Cell]) -> tuple[str, list[str]]:
+  """Issue #14 for one column: does cw-VR or L1R beat both dropout and batch norm (paired by seed)?
+
+  Returns:
+    The verdict ('holds (significant)', 'holds in the means only', 'does not hold' or 'n/a') and the
+    paired differences behind it (formatted, 95 % CI).
+  """
+  verdict, details, seen = 'n/a', [], False
+  significant = means = False
+  for reg in ('cw_vr', 'l1r'):
+    diffs = [_pair(by_reg, reg, other) for other in ('dropout', 'batchnorm')]
+    for other, d in zip(('dropout', 'batchnorm'), diffs):
+      if d is not None:
+        details.append(f'{DISPLAY_NAMES[reg]} − {DISPLAY_NAMES[other]} {format_gain(d, None, "error")}')
+    if any(d is None for d in diffs):
+      continue
+    seen = True
+    means |= all(d.mean < 0 for d in diffs)
+    significant |= all(d.high is not None and d.high < 0 for d in diffs)
+  if seen:
+    verdict = ('holds (significant)' if significant else 'holds in the means only' if means
+               else 'does not hold')
+  return verdict, details
+
+
+def _dropout_bn_lines(spec: TableSpec, cells: Mapping[str, Mapping[str, Cell]]) -> list[str]:
+  lines = []
+  for col in spec.columns:
+    if not _has_data(cells, col.scenario):
+      continue
+    verdict, details = dropout_bn_verdict(cells[col.scenario])
+    lines.append(f'- `{col.scenario}`: at least one of cw-VR and L1R beats both dropout and batch norm: '
+                 f'**{verdict}**' + (f' ({"; ".join(details)})' if details else '') + '.')
+  return lines
+
 
 def _status_breakdown(loaded: LoadedRuns) -> str:
   counts = collections.Counter(p.status for p in loaded.pending)
   return (': ' + ', '.join(f'{n} {status}' for status, n in sorted(counts.items()))) if counts else ''
 
 
-def render_report(sweep_dirs: Sequence[str], loaded: LoadedRuns,
-                  paper: Optional[Mapping[str, Any]] = None) -> str:
-  """The whole markdown report for already loaded runs."""
-  paper = load_paper_results() if paper is None else paper
-  cells = build_cells(loaded.runs, loaded.pending)
+def _header(loaded: LoadedRuns) -> list[str]:
   lines = ['# cwreg results vs. Choi & Rhee (AAAI 2019)', '',
-           'Sweep directories: ' + ', '.join(f'`{d}`' for d in sweep_dirs) + '.',
-           f'{loaded.num_files} results.json files: {len(loaded.runs)} finished runs used, '
+           f'{loaded.num_files} runs recorded: {len(loaded.runs)} finished runs used, '
            f'{loaded.num_unfinished} not finished (treated as missing{_status_breakdown(loaded)}), '
            f'{len(loaded.unreadable)} unreadable, '
-           f'{len(loaded.duplicates)} duplicates dropped.', '', CONVENTIONS, '']
-  for path in loaded.unreadable:
-    lines.append(f'- unreadable: `{path}`')
-  if loaded.unreadable:
-    lines.append('')
-  tabled = set()
-  for spec in TABLES:
-    lines += [f'## {spec.title}', '']
-    scenarios = [c.scenario for c in spec.columns]
-    tabled |= set(scenarios)
-    if not any(_has_data(cells, s) for s in scenarios):
-      lines += [f'Not run: no results for {", ".join(f"`{s}`" for s in scenarios)}.', '']
-      continue
-    if spec.key == '5':
-      lines += render_table5(spec, cells, paper)
-    else:
-      lines += render_error_table(spec, cells, paper)
-    lines.append('')
-  others = sorted(set(cells) - tabled)
+           f'{len(loaded.duplicates)} duplicates dropped.', '',
+           CONVENTIONS, '', PROTOCOL_CONVENTIONS, '', GAINS_CONVENTIONS, '']
+  lines += [f'- unreadable: `{path}`' for path in loaded.unreadable_shown]
+  return lines + ([''] if loaded.unreadable_shown else [])
+
+
+def _render_spec(spec: TableSpec, cells: Mapping[str, Mapping[str, Cell]], items: Sequence[Run | Pending],
+                 paper: Mapping[str, Any]) -> list[str]:
+  """A table's section (title labelled when its runs are short, `Runs:` line), then its gains section."""
+  scenarios = [c.scenario for c in spec.columns]
+  label = shortfall_label(scenarios, items)
+  if not any(_has_data(cells, s) for s in scenarios):
+    return [f'## {spec.title}', '', f'Not run: no results for {", ".join(f"`{s}`" for s in scenarios)}.', '']
+  lines = [f'## {spec.title}{label}', '', protocol_line(scenarios, items), '']
+  lines += (render_table5 if spec.key == '5' else render_error_table)(spec, cells, paper) + ['']
+  gains = render_gains_table(spec, cells, paper) if spec.key not in ('5', 'other') else []
+  if gains:
+    lines += [f'## Table {spec.key} gains, paired over seeds{label}', '', *gains, '']
+    lines += _dropout_bn_lines(spec, cells) + ['']
+  return lines
+
+
+def _other_specs(cells: Mapping[str, Any], runs: Sequence[Run], tabled: set[str]) -> list[TableSpec]:
+  specs = []
+  for scenario in sorted(set(cells) - tabled):
+    metric = _metric_of(scenario, runs)
+    title = 'Test MSE' if metric == 'mse' else 'Test error (%)'
+    specs.append(TableSpec('other', scenario, (Column(scenario, title),), metric=metric, with_l1r=False))
+  return specs
+
+
+def render(loaded: LoadedRuns, paper: Optional[Mapping[str, Any]] = None,
+           tables: Optional[Sequence[str]] = None) -> str:
+  """The whole markdown report of ``loaded``; derived from the runs' fields only (no paths, no clock).
+
+  Args:
+    loaded: runs from `load_runs` or `cwreg.records.load_records`.
+    paper: the paper's numbers (default `load_paper_results`).
+    tables: keys of `TABLES` to include ('other': scenarios outside them); None: all.
+  """
+  paper = load_paper_results() if paper is None else paper
+  cells = build_cells(loaded.runs, loaded.pending)
+  items: list[Run | Pending] = [*loaded.runs, *loaded.pending]
+  lines = _header(loaded)
+  specs = [s for s in TABLES if tables is None or s.key in tables]
+  tabled = {c.scenario for spec in TABLES for c in spec.columns}
+  others = _other_specs(cells, loaded.runs, tabled) if tables is None or 'other' in tables else []
+  for spec in specs:
+    lines += _render_spec(spec, cells, items, paper)
   if others:
     lines += ['## Other scenarios (not in the paper\'s tables)', '']
-    for scenario in others:
-      metric = _metric_of(scenario, loaded.runs)
-      title = 'Test MSE' if metric == 'mse' else 'Test error (%)'
-      spec = TableSpec('other', scenario, (Column(scenario, title),), metric=metric, with_l1r=False)
+    for spec in others:
+      label = shortfall_label([spec.title], items)
+      lines += [f'`{spec.title}`{label}. ' + protocol_line([spec.title], items), '']
       lines += render_error_table(spec, cells, paper) + ['']
   lines += ['## λ search (validation metric; bold = chosen λ)', '']
-  order = [c.scenario for spec in TABLES for c in spec.columns] + others
-  seen = set()
+  order = list(dict.fromkeys(c.scenario for spec in specs + others for c in spec.columns))
   for scenario in order:
-    if scenario in seen or scenario not in cells:
-      continue
-    seen.add(scenario)
-    if not any(c.select or c.pending_select for c in cells[scenario].values()):
+    if scenario not in cells or not any(c.select or c.pending_select for c in cells[scenario].values()):
       continue
     metric = _metric_of(scenario, loaded.runs)
     unit = 'MSE' if metric == 'mse' else 'error %'
-    lines += [f'### `{scenario}` (validation {unit})', '']
+    lines += [f'### `{scenario}` (validation {unit}){shortfall_label([scenario], items)}', '']
     lines += render_lambda_search(cells[scenario], metric) + ['']
   return '\n'.join(lines).rstrip() + '\n'
+
+
+def render_report(sweep_dirs: Sequence[str], loaded: LoadedRuns,
+                  paper: Optional[Mapping[str, Any]] = None) -> str:
+  """`render` (kept for callers): ``sweep_dirs`` is no longer shown, so reports from the same runs read the
+  same whether they were loaded from sweep directories or from records files."""
+  del sweep_dirs
+  return render(loaded, paper)
 
 
 def render_lambda_search(by_reg: Mapping[str, Cell], metric: str) -> list[str]:
@@ -610,13 +1053,17 @@ def render_lambda_search(by_reg: Mapping[str, Cell], metric: str) -> list[str]:
   return _md_table(['Regularizer'] + [f'λ={format_weight(w)}' for w in weights], rows)
 
 
-def write_report(sweep_dirs: Sequence[str], out: str) -> str:
-  """Loads every run under ``sweep_dirs``, writes the markdown report to ``out`` and returns it."""
-  loaded = load_runs(sweep_dirs)
-  text = render_report(sweep_dirs, loaded)
+def write_text(text: str, out: str) -> None:
+  """Writes ``text`` to ``out``, creating its directory."""
   directory = os.path.dirname(out)
   if directory:
     os.makedirs(directory, exist_ok=True)
   with open(out, 'w') as f:
     f.write(text)
+
+
+def write_report(sweep_dirs: Sequence[str], out: str) -> str:
+  """Loads every run under ``sweep_dirs``, writes the markdown report to ``out`` and returns it."""
+  text = render(load_runs(sweep_dirs))
+  write_text(text, out)
   return text
