@@ -32,6 +32,17 @@ def _config_of(workdir: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f)['config'])
 
 
+def _epochs_of(workdir: str) -> Optional[int]:
+    """The epochs a run trained, from its results.json (`epochs`, else `config.num_epochs`)."""
+    with open(os.path.join(workdir, 'results.json')) as f:
+        return report.normalize_result(json.load(f))['epochs']
+
+
+def _length(scenario: str, workdirs: Sequence[str]) -> str:
+    # Titles state the epochs actually run, so a short run never passes for the paper's 50-epoch figure.
+    return report.epochs_phrase(scenario, [_epochs_of(w) for w in workdirs])
+
+
 def representation_figures(sweep_dir: str, out_dir: str,
                            regularizers: Sequence[str] = ('cr', 'cw_cr', 'vr', 'cw_vr'),
                            seed: int = 0) -> list[str]:
@@ -48,16 +59,20 @@ def representation_figures(sweep_dir: str, out_dir: str,
         return out[f'{layer}_preact'], out[layer]
 
     columns = {'Baseline (init)': reps(None), 'Baseline (trained)': reps(baseline_dir)}
+    trained = {'Baseline (trained)': baseline_dir}
     for name in regularizers:
         workdir = sweep.run_dir(sweep_dir, name, 'final', seed=seed)
         if sweep.status(workdir) == 'finished':
             columns[DISPLAY[name]] = reps(workdir)
+            trained[DISPLAY[name]] = workdir
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     figure1 = {k: v for k, v in columns.items() if k in ('Baseline (init)', 'Baseline (trained)', 'cw-CR')}
+    length1 = _length(config.scenario, [w for k, w in trained.items() if k in figure1])
+    length2 = _length(config.scenario, list(trained.values()))
     for filename, models, title in (
-            ('figure1.png', figure1, f'Figure 1: {layer} on the MNIST test set'),
-            ('figure2.png', columns, f'Figure 2: {layer} on the MNIST test set, 50 epochs')):
+            ('figure1.png', figure1, f'Figure 1: {layer} on the MNIST test set, {length1}'),
+            ('figure2.png', columns, f'Figure 2: {layer} on the MNIST test set, {length2}')):
         path = os.path.join(out_dir, filename)
         plots.plot_representation_grid(models, dataset.eval.labels, path, title=title)
         paths.append(path)
@@ -99,6 +114,13 @@ def layer_dependency_results(layer_dir: str, sweep_dir: str) -> dict[str, object
         results['baseline'] = (float(np.mean(baseline)), float(np.std(baseline, ddof=1)) if len(baseline) > 1
                                else 0.0)
     return results
+
+
+def figure3_title(layer_dir: str, scenario: str) -> str:
+    """``Figure 3: <scenario>, 50 epochs`` with the epochs of the layer runs (labelled when short)."""
+    loaded = report.load_runs([layer_dir])
+    epochs = [r.epochs for r in loaded.runs] + [p.epochs for p in loaded.pending]
+    return f'Figure 3: {scenario}, {report.epochs_phrase(scenario, epochs)}'
 
 
 def layer_dependency_figure(layer_dir: str, sweep_dir: str, path: str, layers: Sequence[str],

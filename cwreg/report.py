@@ -583,6 +583,20 @@ def _count(value: int, unit: str) -> str:
   return f'{value} {unit[:-1] if value == 1 else unit}'
 
 
+def _length_phrase(unit: str, values: Sequence[int], proto: Optional[tuple[str, int, str]]) -> str:
+  """``10 and 50 epochs``, with ``, shorter than the paper's 50`` (or ``: some runs shorter …``) appended."""
+  shown = ', '.join(str(v) for v in values[:-1]) + (' and ' if len(values) > 1 else '')
+  shown += _count(values[-1], unit)
+  if proto is None or proto[0] != unit:
+    return shown
+  _, target, whose = proto
+  if values[-1] < target:
+    return f'{shown}, shorter than {whose} {target}'
+  if values[0] < target:
+    return f'{shown}: some runs shorter than {whose} {target}'
+  return shown
+
+
 def shortfall_label(scenarios: Sequence[str], items: Sequence[Run | Pending]) -> str:
   """`` — 10 epochs, shorter than the paper's 50`` when runs of ``scenarios`` are shorter than their
   protocol (`PROTOCOL`), so that such a table never reads as a result; '' otherwise."""
@@ -592,17 +606,23 @@ def shortfall_label(scenarios: Sequence[str], items: Sequence[Run | Pending]) ->
     its = [x for x in items if x.scenario == scenario]
     if proto is None or not its:
       continue
-    unit, target, whose = proto
+    unit, target, _ = proto
     values = sorted({getattr(x, unit) for x in its if getattr(x, unit) is not None})
-    shown = ', '.join(str(v) for v in values[:-1]) + (' and ' if len(values) > 1 else '') + (
-        _count(values[-1], unit) if values else '')
-    if values and values[-1] < target:
-      parts[f'{shown}, shorter than {whose} {target}'] = None
-    elif values and values[0] < target:
-      parts[f'{shown}: some runs shorter than {whose} {target}'] = None
+    if values and values[0] < target:
+      parts[_length_phrase(unit, values, proto)] = None
     if any(getattr(x, unit) is None for x in its):
       parts[f'{unit} not recorded for some runs'] = None
   return (' — ' + '; '.join(parts)) if parts else ''
+
+
+def epochs_phrase(scenario: str, epochs: Iterable[Optional[int]]) -> str:
+  """For figure titles: ``50 epochs``, or ``10 epochs, shorter than the paper's 50`` (`PROTOCOL`)."""
+  epochs = list(epochs)
+  values = sorted({e for e in epochs if e is not None})
+  if not values:
+    return 'epochs not recorded'
+  text = _length_phrase('epochs', values, protocol_of(scenario))
+  return text + ('; epochs not recorded for some runs' if None in epochs else '')
 
 
 def format_seeds(seeds: Iterable[int]) -> str:
@@ -691,7 +711,8 @@ class Paired:
   seeds: tuple[int, ...]
 
 
-def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) -> Optional[Paired]:
+def paired_difference(a: Mapping[int, float], b: Mapping[int, float],
+                      level: float = 0.95) -> Optional[Paired]:
   """``a − b`` paired by seed (the keys): mean, SE = sd/√n (ddof=1), CI ± t_{(1+level)/2, n−1}·SE, p.
 
   Returns None without a common seed. With sd = 0 the CI is the point and p is 0 (1 for a zero mean).

@@ -2,7 +2,10 @@ r"""Figures 1–3 of the paper from a finished sweep; `--layers` also trains the
 
   python launch/figures.py --config=configs/mnist_mlp.py:default \
       --sweep_dir=workdirs/mnist_mlp_default --layer_dir=workdirs/mnist_mlp_layers \
-      --layers=layer1,layer2,layer3,layer4,layer5,layer6 --out=docs/results
+      --layers=layer1,layer2,layer3,layer4,layer5,layer6
+
+The PNGs go to reports/figures/ (git-ignored) unless --out says otherwise: writing into docs/results must be
+explicit (--out=docs/results).
 """
 
 import os
@@ -22,7 +25,9 @@ flags.DEFINE_string('layer_dir', None, 'Where the layer-dependency runs go (Figu
 flags.DEFINE_list('layers', [], 'Layers for Figure 3.')
 flags.DEFINE_list('regularizers', 'cr,cw_cr,vr,cw_vr,l1r', 'Regularizers for Figure 3.')
 flags.DEFINE_integer('seeds', 1, 'Seeds per (regularizer, layer) for Figure 3.')
-flags.DEFINE_string('out', 'docs/results', 'Output directory for the PNGs.')
+# Never docs/results: a default run must not overwrite committed figures.
+DEFAULT_OUT = os.path.join('reports', 'figures')
+flags.DEFINE_string('out', DEFAULT_OUT, 'Output directory for the PNGs.')
 flags.mark_flags_as_required(['sweep_dir'])
 
 
@@ -36,7 +41,8 @@ def main(argv):
                                      FLAGS.layers, seeds=range(FLAGS.seeds))
         path = os.path.join(FLAGS.out, 'figure3.png')
         results = figures.layer_dependency_figure(FLAGS.layer_dir, FLAGS.sweep_dir, path, FLAGS.layers,
-                                                  title=f'Figure 3: {FLAGS.config.scenario}')
+                                                  title=figures.figure3_title(FLAGS.layer_dir,
+                                                                              FLAGS.config.scenario))
         print('wrote', path, results)
 
 
