@@ -1,18 +1,25 @@
-"""The paper's experimental protocol for one scenario (suppl. A.1), resumable and vmapped.
+"""The paper's experimental protocol for one scenario (suppl. A.1), with more seeds; resumable and vmapped.
 
-For each regularizer (baseline, L1W, L2W, CR, cw-CR, VR, cw-VR, L1R):
+For each regularizer (baseline, L1W, L2W, dropout, batch norm, CR, cw-CR, VR, cw-VR, L1R):
 
-1. *select*: train with each λ ∈ {0.001, 0.01, 0.1, 1, 10, 100} on the training split minus its last 10,000
-   examples and evaluate on those 10,000 (the validation split);
-2. pick the λ with the lowest validation error (MSE for the autoencoder; ties go to the smaller λ — the
-   rule of :func:`cwreg.report.select_weight`, which the report uses to display it);
-3. *final*: train 5 seeds with that λ on the full training split and evaluate on the test split.
+1. *select*: train each λ of the grid ({0.001, 0.01, 0.1, 1, 10, 100}; dropout: the rate, {0.1, …, 0.5})
+   with each of S selection seeds on the training split minus its last 10,000 examples, and evaluate on
+   those 10,000 (the validation split);
+2. pick the λ with the lowest validation error averaged over the S seeds (MSE for the autoencoder; ties go
+   to the smaller λ, the rule of :func:`cwreg.report.select_weight`, which the report uses to display it);
+3. *final*: train the F final seeds with that λ on the full training split and evaluate on the test split.
 
-Layout: ``<sweep_dir>/<regularizer>/select_w<λ>/`` and ``<sweep_dir>/<regularizer>/final_s<seed>/``, each with
-its own ``results.json`` (and, for final runs, ``stats.json``: the Table 5 statistics of the regularized layer
-on the test set). Runs of one phase of one regularizer differ only in λ or seed, so they are trained together
-as one vmapped program (:func:`cwreg.train.train_group`), checkpointed every epoch in a group directory: a
-killed sweep, re-run with the same arguments, skips finished runs and resumes unfinished groups.
+The baseline and batch norm have no λ: they have final runs only. :data:`PAPER` (S = 1, F = 5) is the
+paper's protocol; :data:`POWERED` (S = 3, F = 10) is the default. The final seeds are disjoint from the
+selection seeds (for MNIST a select run *is* a final run of the same seed: both train on the first 50k
+images) and the same for every regularizer, so that comparisons between regularizers are paired by seed.
+
+Layout: ``<sweep_dir>/<regularizer>/select_w<λ>_s<seed>/`` and ``<sweep_dir>/<regularizer>/final_s<seed>/``,
+each with its own ``results.json`` (and, for final runs, ``stats.json``: the Table 5 statistics of the
+regularized layer on the test set). Runs of one phase of one regularizer differ only in λ or seed, so they
+are trained together as one vmapped program (:func:`cwreg.train.train_group`), checkpointed every epoch in a
+group directory: a killed sweep, re-run with the same arguments, skips finished runs and resumes unfinished
+groups.
 """
 
 from __future__ import annotations
@@ -39,6 +46,10 @@ from cwreg import train
 
 REGULARIZERS = train.REGULARIZERS
 WEIGHT_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+#: Dropout's rate takes λ's place: the usual range (Srivastava et al. 2014 use 0.5 for hidden layers).
+DROPOUT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5)
+#: Regularizers without a λ: their final seeds are trained directly.
+UNSEARCHED = ('baseline', 'batchnorm')
 DONE = ('finished', 'diverged')
 VARIABLES_FILE = 'final_variables.msgpack'
 
@@ -54,8 +65,41 @@ def run_config(base: ml_collections.ConfigDict, regularizer: str, weight: float,
     return config
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """Which seeds choose λ and which seeds measure it; disjoint, and shared by every regularizer."""
+    selection_seeds: tuple[int, ...]
+    final_seeds: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.selection_seeds or not self.final_seeds:
+            raise ValueError(f'A protocol needs at least one selection and one final seed, got {self}.')
+        if set(self.selection_seeds) & set(self.final_seeds):
+            raise ValueError(f'Selection and final seeds must be disjoint (a final run of a selection seed '
+                             f'repeats its selection run), got {self}.')
+
+    @classmethod
+    def of(cls, num_selection: int, num_final: int) -> 'Protocol':
+        """Selection seeds 0..S−1, final seeds S..S+F−1."""
+        if num_selection < 1 or num_final < 1:
+            raise ValueError(f'Need >= 1 selection and >= 1 final seed, got S={num_selection}, F={num_final}.')
+        return cls(tuple(range(num_selection)), tuple(range(num_selection, num_selection + num_final)))
+
+
+PAPER = Protocol.of(1, 5)
+POWERED = Protocol.of(3, 10)
+
+
+def search_grid(regularizer: str, grid: Sequence[float] = WEIGHT_GRID,
+                dropout_grid: Sequence[float] = DROPOUT_GRID) -> tuple[float, ...]:
+    """The λ values the select phase tries for `regularizer` (none for the baseline and batch norm)."""
+    if regularizer in UNSEARCHED:
+        return ()
+    return tuple(dropout_grid if regularizer == 'dropout' else grid)
+
+
 def run_dir(sweep_dir: str, regularizer: str, phase: str, weight: float = 0.0, seed: int = 0) -> str:
-    name = f'select_w{weight:g}' if phase == 'select' else f'final_s{seed}'
+    name = f'select_w{weight:g}_s{seed}' if phase == 'select' else f'final_s{seed}'
     return os.path.join(sweep_dir, regularizer, name)
 
 
@@ -148,49 +192,62 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], group_
         progress.update(len(group), trained=len(group), seconds=time.time() - t0)
 
 
-def chosen_weight(sweep_dir: str, regularizer: str,
-                  base: Optional[ml_collections.ConfigDict] = None) -> Optional[float]:
-    """The λ of the regularizer's select runs with the lowest validation error (None if none finished).
+def chosen_weight(sweep_dir: str, regularizer: str, base: Optional[ml_collections.ConfigDict] = None,
+                  seeds: Optional[Sequence[int]] = None) -> Optional[float]:
+    """The λ of the regularizer's select runs with the lowest mean validation error (None if none finished).
 
-    With `base` (the config given to `run_sweep`), only runs of that config count: a run left in the sweep
-    directory by another learning rate, width, number of epochs… is ignored. Without it, every run does.
+    The baseline and batch norm have no λ: 0. With `base` (the config given to `run_sweep`), only runs of
+    that config count: a run left in the sweep directory by another learning rate, width, number of epochs…
+    is ignored. With `seeds` (a protocol's selection seeds), only those seeds count, and only a λ finished
+    for all of them competes: a λ at which a seed diverged is not chosen. Without them, every run does.
     """
-    runs = report.load_runs([os.path.join(sweep_dir, regularizer)]).runs
+    if regularizer in UNSEARCHED:
+        return 0.0
+    runs = [run for run in report.load_runs([os.path.join(sweep_dir, regularizer)]).runs
+            if run.phase == 'select' and (seeds is None or run.seed in seeds)]
     if base is not None:
-        runs = [run for run in runs if run.phase == 'select'
-                and _is_of(_read_results(os.path.dirname(run.path)) or {},
-                           run_config(base, regularizer, run.weight, run.seed, validation=True))]
+        runs = [run for run in runs
+                if _is_of(_read_results(os.path.dirname(run.path)) or {},
+                          run_config(base, regularizer, run.weight, run.seed, validation=True))]
+    if seeds is not None:  # a λ competes only on its whole set of seeds, not on a lucky part of it
+        complete = {w for w in {r.weight for r in runs}
+                    if {r.seed for r in runs if r.weight == w} >= set(seeds)}
+        runs = [run for run in runs if run.weight in complete]
     weight, _ = report.select_weight(runs)
     return weight
 
 
 def run_sweep(base: ml_collections.ConfigDict, sweep_dir: str,
               regularizers: Sequence[str] = REGULARIZERS, grid: Sequence[float] = WEIGHT_GRID,
-              seeds: Sequence[int] = tuple(range(5)), max_group: int = 6,
-              statistics: bool = True) -> dict[str, Optional[float]]:
+              protocol: Protocol = POWERED, max_group: int = 6, statistics: bool = True,
+              dropout_grid: Sequence[float] = DROPOUT_GRID) -> dict[str, Optional[float]]:
     """Runs (or resumes) the protocol above for `base`'s scenario; returns the chosen λ per regularizer."""
     for name in regularizers:
         if name not in REGULARIZERS:
             raise ValueError(f'Unknown regularizer {name!r}; valid: {list(REGULARIZERS)}.')
-    train.validate_config(base)
+    for name in regularizers:  # e.g. dropout for the autoencoder: fail before anything trains
+        train.validate_config(run_config(base, name, (search_grid(name, grid, dropout_grid) or (0.0,))[0],
+                                         protocol.final_seeds[0], validation=False))
     sweep_dir = os.path.abspath(sweep_dir)
-    weights_of = {r: (0.0,) if r == 'baseline' else tuple(grid) for r in regularizers}
-    progress = Progress(total=sum(len(w) + len(seeds) for w in weights_of.values()))
+    grids = {r: search_grid(r, grid, dropout_grid) for r in regularizers}
+    progress = Progress(total=sum(len(g) * len(protocol.selection_seeds) + len(protocol.final_seeds)
+                                  for g in grids.values()))
     chosen = {}
     for regularizer in regularizers:
         root = os.path.join(sweep_dir, regularizer)
-        select = [run_config(base, regularizer, w, seed=0, validation=True) for w in weights_of[regularizer]]
-        _train(select, [run_dir(sweep_dir, regularizer, 'select', weight=w) for w in weights_of[regularizer]],
+        select = [(w, s) for w in grids[regularizer] for s in protocol.selection_seeds]
+        _train([run_config(base, regularizer, w, s, validation=True) for w, s in select],
+               [run_dir(sweep_dir, regularizer, 'select', weight=w, seed=s) for w, s in select],
                root, progress, max_group)
-        chosen[regularizer] = chosen_weight(sweep_dir, regularizer, base)
+        chosen[regularizer] = chosen_weight(sweep_dir, regularizer, base, protocol.selection_seeds)
         if chosen[regularizer] is None:
             logging.warning('%s: every λ diverged; no final runs.', regularizer)
-            progress.update(len(seeds))
+            progress.update(len(protocol.final_seeds))
             continue
         logging.info('%s: chose λ=%g on the validation split.', regularizer, chosen[regularizer])
-        final_dirs = [run_dir(sweep_dir, regularizer, 'final', seed=s) for s in seeds]
-        _train([run_config(base, regularizer, chosen[regularizer], s, validation=False) for s in seeds],
-               final_dirs, root, progress, max_group)
+        final_dirs = [run_dir(sweep_dir, regularizer, 'final', seed=s) for s in protocol.final_seeds]
+        _train([run_config(base, regularizer, chosen[regularizer], s, validation=False)
+                for s in protocol.final_seeds], final_dirs, root, progress, max_group)
         if statistics:
             for workdir in final_dirs:
                 write_statistics(workdir)

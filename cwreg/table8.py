@@ -70,7 +70,7 @@ class Scale:
     holdout: int  # validation hold-out: the last `holdout` of the prepared training images
     train_sizes: tuple[tuple[str, int], ...]  # scenario -> dataset.train_size
     weights: tuple[float, ...]
-    seeds: int
+    protocol: sweep.Protocol  # selection and final seeds
     overrides: tuple[tuple[str, Any], ...] = ()  # config field -> value (over configs/cifar10_cnn.py)
     statistics: bool = True  # Table 5 statistics (stats.json) of the final runs, as run_sweep writes them
 
@@ -84,12 +84,13 @@ class Scale:
 # statistics=False: Table 8 needs none, and run_sweep recomputes them on every call (a compiled forward per
 # final run: minutes of accelerator time for 80 runs).
 FULL = Scale('full', num_train=10_000, num_test=10_000, holdout=5_000,
-             train_sizes=(('size1k', 1_000), ('size5k', 5_000)), weights=sweep.WEIGHT_GRID, seeds=5,
-             statistics=False)
-# 2 λ and 2 seeds: select and final groups have the same shapes, so one compiled program serves both
-# (with the persistent compilation cache the launch script turns on); compiling dominates a toy run.
+             train_sizes=(('size1k', 1_000), ('size5k', 5_000)), weights=sweep.WEIGHT_GRID,
+             protocol=sweep.PAPER, statistics=False)
+# 2 λ, 1 selection and 2 final seeds: select and final groups have the same shapes, so one compiled program
+# serves both (with the persistent compilation cache the launch script turns on); compiling dominates a toy run.
 TOY = Scale('toy', num_train=300, num_test=100, holdout=100,
-            train_sizes=(('size1k', 100), ('size5k', 200)), weights=(0.01, 1.0), seeds=2,
+            train_sizes=(('size1k', 100), ('size5k', 200)), weights=(0.01, 1.0),
+            protocol=sweep.Protocol((0,), (1, 2)),
             overrides=(('num_epochs', 1), ('batch_size', 50), ('eval_batch_size', 100),
                        ('checkpoint', False)), statistics=False)
 SCALES = {s.name: s for s in (FULL, TOY)}
@@ -294,7 +295,7 @@ def run_columns(data_dir: str, work_dir: str, scale: Scale = FULL, scenarios: Se
             print(f'[table8] column {scenario}: {scale.name} scale', flush=True)
             chosen[scenario] = sweep.run_sweep(
                 base_config(scenario, staged, scale), sweep_dir(work_dir, scenario), regularizers=regularizers,
-                grid=scale.weights, seeds=tuple(range(scale.seeds)), max_group=max_group,
+                grid=scale.weights, protocol=scale.protocol, max_group=max_group,
                 statistics=scale.statistics)
     return chosen
 
@@ -347,7 +348,8 @@ def _protocol_lines(scale: Scale, scenarios: Sequence[str]) -> list[str]:
         f'training images and evaluated on a validation hold-out of training images '
         f'{scale.num_train - scale.holdout:,}–{scale.num_train - 1:,} ({scale.holdout:,} images; the paper '
         f'holds out CIFAR-10\'s last 10,000, which this subset lacks); the λ with the lowest validation error, '
-        f'then {scale.seeds} seed(s) evaluated on the {scale.num_test:,} test images. Config overrides: '
+        f'chosen by the mean over selection seed(s) {list(scale.protocol.selection_seeds)}, then final seeds '
+        f'{list(scale.protocol.final_seeds)} evaluated on the {scale.num_test:,} test images. Config overrides: '
         f'{overrides}. Code commit: {_commit() or "unknown"}.',
     ]
 

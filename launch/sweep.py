@@ -1,7 +1,11 @@
-r"""λ search + 5 seeds for every regularizer of one scenario (the paper's protocol), resumable.
+r"""λ search over S selection seeds, then F final seeds, for every regularizer of one scenario; resumable.
 
   python launch/sweep.py --config=configs/mnist_mlp.py:default --sweep_dir=workdirs/mnist_mlp_default \
-      [--regularizers=baseline,cw_vr] [--seeds=5] [--max_group=6] [--config.dataset.data_dir=...]
+      [--regularizers=baseline,cw_vr] [--selection_seeds=3] [--final_seeds=10] [--max_group=6] \
+      [--config.dataset.data_dir=...]
+
+--selection_seeds=1 --final_seeds=5 is the paper's protocol (one validation run per λ, 5 seeds); the default
+(3 and 10) chooses λ by a mean over 3 seeds and measures it on 10 others (cwreg/sweep.py).
 
 --config=FILE:SCENARIO (its regularizer is ignored; the sweep sets each one in turn):
   configs/mnist_mlp.py          scenarios: default, size1k, size5k, width2, width8
@@ -10,7 +14,7 @@ r"""λ search + 5 seeds for every regularizer of one scenario (the paper's proto
   configs/cifar100_cnn.py       scenarios: default, size1k, size5k, width32, width512, classes4, classes16,
                                 classes64
   configs/resnet.py             scenarios: resnet32, resnet110
-  --regularizers: any of baseline, l1w, l2w, cr, cw_cr, vr, cw_vr, l1r
+  --regularizers: any of baseline, l1w, l2w, dropout, batchnorm, cr, cw_cr, vr, cw_vr, l1r
 
 --config.FIELD=VALUE overrides any field; configs/default.py gives each one's meaning and default:
   scenario, seed, batch_size, num_epochs, num_train_steps, eval_batch_size, eval_every_epochs,
@@ -39,7 +43,8 @@ config_flags.DEFINE_config_file('config', None, 'Scenario config (its regularize
 flags.DEFINE_string('sweep_dir', None, 'Directory of the sweep (one sub-directory per run).')
 flags.DEFINE_list('regularizers', 'baseline,l1w,l2w,cr,cw_cr,vr,cw_vr,l1r', 'Regularizers to run.')
 flags.DEFINE_list('weights', '0.001,0.01,0.1,1,10,100', 'The λ grid of the select phase.')
-flags.DEFINE_integer('seeds', 5, 'Final runs per regularizer (seeds 0..n-1).')
+flags.DEFINE_integer('selection_seeds', 3, 'S: seeds 0..S-1 train each λ; λ is chosen by their mean.')
+flags.DEFINE_integer('final_seeds', 10, 'F: final runs per regularizer, seeds S..S+F-1.')
 flags.DEFINE_integer('max_group', 6, 'Runs trained together as one vmapped program.')
 flags.mark_flags_as_required(['config', 'sweep_dir'])
 
@@ -54,7 +59,8 @@ def main(argv):
     train.quiet_backend_probing()
     chosen = train.run_command(lambda: sweep.run_sweep(
         FLAGS.config, FLAGS.sweep_dir, regularizers=FLAGS.regularizers,
-        grid=[float(w) for w in FLAGS.weights], seeds=range(FLAGS.seeds), max_group=FLAGS.max_group))
+        grid=[float(w) for w in FLAGS.weights],
+        protocol=sweep.Protocol.of(FLAGS.selection_seeds, FLAGS.final_seeds), max_group=FLAGS.max_group))
     print('Chosen λ:', ', '.join(f'{r}={w}' for r, w in chosen.items()))
 
 

@@ -290,7 +290,8 @@ def test_launch_train_stops_in_one_line_resumes_and_refuses_another_config(tmp_p
 def test_launch_sweep_stops_in_one_line_on_sigterm(tmp_path):
   sweep_dir = str(tmp_path / 'sweep')
   args = ['launch/sweep.py', '--config=configs/mnist_mlp.py:size1k', f'--sweep_dir={sweep_dir}',
-          '--regularizers=baseline', '--seeds=1', f'--config.dataset.data_dir={tmp_path / "tfds"}',
+          '--regularizers=baseline', '--selection_seeds=1', '--final_seeds=1',
+          f'--config.dataset.data_dir={tmp_path / "tfds"}',
           '--config.num_epochs=3', '--config.eval_batch_size=50', '--config.steps_per_dispatch=4']
   proc = _launch(tmp_path, 'sweep', args, 11_000, delay=8.0)  # the λ search holds out 10k examples
   _stop_after_first_checkpoint(proc, os.path.join(sweep_dir, 'baseline', 'group_*', 'checkpoints', '[0-9]*'),

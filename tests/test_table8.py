@@ -110,7 +110,7 @@ def test_toy_pipeline_writes_both_columns_and_resumes(tmp_path):
     assert all('(n=2' in cell and not cell.strip().startswith(report.MISSING) for cell in cells), (reg, cells)
   assert {report.DISPLAY_NAMES[reg] for reg in table8.REGULARIZERS} <= set(rows)
   records = [json.loads(line) for line in open(os.path.join(out_dir, table8.RUNS_FILE))]
-  per_column = 1 + 2 + 1 * (2 + 2)  # baseline: 1 λ; cw_vr: 2 λ; 2 seeds each
+  per_column = 2 + 2 + 2  # baseline: 2 final seeds; cw_vr: 2 λ × 1 selection seed, 2 final seeds
   assert len(records) == 2 * per_column and all(r['status'] == 'finished' for r in records)
   assert {r['train_size'] for r in records} == {100, 200}
   assert os.path.exists(os.path.join(out_dir, table8.REPORT_FILE))
