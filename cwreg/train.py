@@ -81,15 +81,22 @@ def _choice(kind: str, value: str, valid) -> None:
         raise ConfigError(f'Unknown {kind} {value!r}; valid choices: {sorted(valid)}.')
 
 
+def _init_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """config.model's initializers; `get` with the defaults, so configs recorded before them still load."""
+    return dict(kernel_init=config.model.get('kernel_init', 'lecun_normal'),
+                bias_init=float(config.model.get('bias_init', 0.0)))
+
+
 def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> models.nn.Module:
     """Builds the configured model; config.model.width/depth mean what the family's constructor says."""
     name = config.model.name
     _choice('model', name, models.MODELS)
     kwargs = {
-        'mlp': dict(num_classes=num_classes, width=config.model.width, depth=config.model.depth),
-        'cnn': dict(num_classes=num_classes, fc_width=config.model.width),
+        'mlp': dict(num_classes=num_classes, width=config.model.width, depth=config.model.depth,
+                    **_init_options(config)),
+        'cnn': dict(num_classes=num_classes, fc_width=config.model.width, **_init_options(config)),
         'resnet': dict(num_classes=num_classes, depth=config.model.depth, bn_axis_name=AXIS),
-        'autoencoder': dict(),
+        'autoencoder': dict(**_init_options(config)),
     }[name]
     try:
         return models.create_model(name, **kwargs)
