@@ -361,3 +361,199 @@ def test_diverged_runs_are_reported_not_averaged(tmp_path):
   assert body['CR (DeCov)']['Layer width 2 (`mnist_mlp/width2`)'] == '— (1 running; paper 34.80 ± 0.25)'
   _, lam = _table(_section(out, '### `mnist_mlp/width8`'))
   assert lam['VR']['λ=100'] == 'diverged' and lam['VR']['λ=1'] == '**9.50**'
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paired statistics (gains over the baseline), the paper comparison, short runs, dropout / batch norm.
+
+_T975 = {9: 2.2621571627982, 4: 2.7764451051977987}  # Student t quantiles t_{0.975, dof}
+
+
+def _hand_paired(a, b):
+  """Mean, SE, 95 % CI of a − b over common seeds, by hand in float64 (no numpy statistics)."""
+  seeds = sorted(set(a) & set(b))
+  d = [float(a[s]) - float(b[s]) for s in seeds]
+  n = len(d)
+  mean = sum(d) / n
+  sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5
+  se = sd / n ** 0.5
+  return mean, se, mean - _T975[n - 1] * se, mean + _T975[n - 1] * se
+
+
+def _t_two_sided_p(t, dof, steps=20000):
+  """2·P(T > |t|) by Simpson's rule on Student's density, independent of scipy."""
+  import math
+  c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+  pdf = lambda x: c * (1 + x * x / dof) ** (-(dof + 1) / 2)
+  h = abs(t) / steps
+  area = pdf(0) + pdf(abs(t)) + sum((4 if k % 2 else 2) * pdf(k * h) for k in range(1, steps))
+  return 1.0 - 2.0 * area * h / 3
+
+
+def test_paired_difference_matches_hand_computation():
+  rng = np.random.default_rng(0)
+  for n in (10, 5):
+    base = {s: 3.0 + 0.1 * rng.standard_normal() for s in range(n)}
+    reg = {s: base[s] - 0.2 + 0.15 * rng.standard_normal() for s in range(n)}
+    got = report.paired_difference(reg, base)
+    mean, se, low, high = _hand_paired(reg, base)
+    assert got.n == n and got.seeds == tuple(range(n))
+    assert got.mean == pytest.approx(mean, abs=1e-12) and got.se == pytest.approx(se, rel=1e-10)
+    assert got.low == pytest.approx(low, rel=1e-9) and got.high == pytest.approx(high, rel=1e-9)
+    assert got.p == pytest.approx(_t_two_sided_p(mean / se, n - 1), abs=1e-8)
+
+
+def test_paired_p_is_005_at_the_t_quantile():
+  # Shift differences so that mean / SE is exactly t_{0.975, n-1}: the two-sided p must be 0.05 and the
+  # CI's upper (or lower) end must touch 0.
+  for dof, t in _T975.items():
+    n = dof + 1
+    e = np.linspace(-1.0, 1.0, n + 1)[1:] ** 3
+    se = np.std(e, ddof=1) / np.sqrt(n)
+    d = e - e.mean() + t * se
+    got = report.paired_difference({s: float(x) for s, x in enumerate(d)}, {s: 0.0 for s in range(n)})
+    assert got.p == pytest.approx(0.05, abs=1e-10)
+    assert got.low == pytest.approx(0.0, abs=1e-10)
+
+
+def test_paired_difference_pairs_by_seed():
+  # Seed 1 has no baseline, seed 20 no regularized run; values are given in shuffled key order, and the
+  # paired mean (-0.1 on every seed) differs from the unpaired difference of means.
+  base = {s: float(s) for s in [3, 0, 2, 5, 4, 6, 7, 8, 9, 20]}
+  reg = {s: float(s) - 0.1 for s in [8, 7, 9, 6, 5, 4, 3, 2, 1, 0]}
+  got = report.paired_difference(reg, base)
+  assert got.seeds == (0, 2, 3, 4, 5, 6, 7, 8, 9) and got.n == 9
+  assert got.mean == pytest.approx(-0.1) and got.se == pytest.approx(0.0, abs=1e-12)
+  assert report.paired_difference({0: 1.0}, {1: 1.0}) is None
+  one = report.paired_difference({0: 1.0}, {0: 0.5})
+  assert one.n == 1 and one.mean == 0.5 and one.low is None and one.p is None
+
+
+def test_paper_gain_and_welch_comparison():
+  paper = report.paper_gain({'mean': 2.42, 'std': 0.06}, {'mean': 2.85, 'std': 0.11})
+  assert paper.mean == pytest.approx(-0.43) and paper.se == pytest.approx(np.sqrt(0.06**2 / 5 + 0.11**2 / 5))
+  ours = report.Paired(mean=-0.30, n=10, se=0.02, low=None, high=None, p=None, seeds=tuple(range(10)))
+  v = [0.02**2, 0.06**2 / 5, 0.11**2 / 5]
+  dof = sum(v) ** 2 / (v[0] ** 2 / 9 + v[1] ** 2 / 4 + v[2] ** 2 / 4)
+  t = (-0.30 + 0.43) / np.sqrt(sum(v))
+  assert report.differs_from_paper(ours, paper) == pytest.approx(_t_two_sided_p(t, dof), abs=1e-8)
+  assert report.paper_gain({'mean': 7.39, 'n': 2}, {'mean': 7.0, 'std': 0.1}) is None  # no std: no SE
+
+
+def _gains_sweep(root, reg_errors, base_errors, scenario='mnist_mlp/default', reg='cw_vr', epochs=50,
+                 extra=()):
+  for seed, err in enumerate(base_errors):
+    _write(root, f'b{seed}', {**_run(scenario, 'baseline', 0.0, seed, 'final', err), 'epochs': epochs})
+  for seed, err in enumerate(reg_errors):
+    _write(root, f'r{seed}', {**_run(scenario, reg, 0.01, seed, 'final', err), 'epochs': epochs})
+  for name, payload in extra:
+    _write(root, name, payload)
+  return report.render(report.load_runs([root]))
+
+
+def test_gains_table_cell_and_significance_marker(tmp_path):
+  base = [2.85 + x for x in (0.0, 0.1, -0.1, 0.05, -0.05, 0.02, -0.02, 0.08, -0.08, 0.0)]
+  noise = [0.01, -0.01, 0.02, -0.02, 0.0, 0.015, -0.015, 0.005, -0.005, 0.0]
+  # The paper's cw-VR gain on the default column is 2.42 - 2.85 = -0.43 (SE 0.056).
+  same = _gains_sweep(str(tmp_path / 'same'), [b - 0.43 + e for b, e in zip(base, noise)], base)
+  _, body = _table(_section(same, '## Table 7 gains'))
+  cell = body['cw-VR']['Default (`mnist_mlp/default`)']
+  mean, se, low, high = _hand_paired(dict(enumerate([b - 0.43 + e for b, e in zip(base, noise)])),
+                                     dict(enumerate(base)))
+  assert cell.startswith(f'{mean:+.2f} [{low:+.2f}, {high:+.2f}] (n=10, p<0.0001; paper -0.43 ± 0.06)')
+  assert not cell.endswith('†')
+  far = _gains_sweep(str(tmp_path / 'far'), [b - 0.10 + e for b, e in zip(base, noise)], base)
+  _, body = _table(_section(far, '## Table 7 gains'))
+  assert body['cw-VR']['Default (`mnist_mlp/default`)'].endswith(' †')
+  # Rows with paper gains only stay; columns without our runs show the paper alone.
+  assert body['L1W']['Default (`mnist_mlp/default`)'] == '— (paper +0.00 ± 0.06)'
+  assert body['cw-VR − VR']['Default (`mnist_mlp/default`)'] == '— (paper -0.23 ± 0.06)'
+
+
+def test_no_gains_section_without_pairs(text):
+  # The fixture's autoencoder has no baseline: no Table 10 gains.
+  assert '## Table 10 gains' not in text and '## Table 7 gains' in text
+
+
+def test_short_runs_are_labelled_in_titles(tmp_path):
+  ae = 'mnist_autoencoder/default'
+  short = _gains_sweep(str(tmp_path / 'short'), [0.012] * 2, [0.014] * 2, scenario=ae, epochs=10)
+  assert "## Table 10: Mean squared error of deep autoencoder (MNIST) — 10 epochs, shorter than the paper's 50" \
+      in short.splitlines()
+  assert "## Table 10 gains, paired over seeds — 10 epochs, shorter than the paper's 50" in short
+  full = _gains_sweep(str(tmp_path / 'full'), [0.012] * 2, [0.014] * 2, scenario=ae, epochs=50)
+  assert '## Table 10: Mean squared error of deep autoencoder (MNIST)' in full.splitlines()
+  assert not any('shorter' in l for l in full.splitlines() if l.startswith('#'))
+  assert 'Runs: epochs 50;' in full
+  mixed = _gains_sweep(str(tmp_path / 'mixed'), [0.012] * 2, [0.014] * 2, scenario=ae, epochs=50,
+                       extra=[('x', {**_run(ae, 'vr', 1.0, 0, 'final', None, loss=0.013), 'epochs': 49})])
+  assert "— 49 and 50 epochs: some runs shorter than the paper's 50" in mixed
+  # Without an `epochs` field, config.num_epochs says how long the run was.
+  d = str(tmp_path / 'config')
+  payload = {**_run(ae, 'vr', 1.0, 0, 'final', None, loss=0.013), 'config': {'num_epochs': 5}}
+  del payload['epochs']
+  _write(d, 'x', payload)
+  assert "— 5 epochs, shorter than the paper's 50" in report.render(report.load_runs([d]))
+  assert report.epochs_phrase('mnist_mlp/default', [50, 50]) == '50 epochs'
+  assert report.epochs_phrase('mnist_mlp/default', [1]) == "1 epoch, shorter than the paper's 50"
+
+
+def test_runs_line_states_protocol(tmp_path):
+  s = 'mnist_mlp/width8'
+  d = str(tmp_path)
+  commit = {'provenance': {'git_commit': 'abcdef0123456789'}, 'epochs': 50}
+  for seed in range(10, 20):
+    _write(d, f'b{seed}', {**_run(s, 'baseline', 0.0, seed, 'final', 10.0), **commit})
+    _write(d, f'r{seed}', {**_run(s, 'vr', 1.0, seed, 'final', 9.0), **commit})
+  for seed in range(3):
+    for w in (0.1, 1.0):
+      _write(d, f's{seed}_{w}', {**_run(s, 'vr', w, seed, 'select', 9.5 - w), **commit,
+                                 'provenance': {'git_commit': '1234567890abc-dirty'}})
+  lines = report.render(report.load_runs([d])).splitlines()
+  i = lines.index('## Table 7: Error (%) for MNIST MLP model')
+  assert lines[i + 2] == ('Runs: epochs 50; final runs n=10 per cell (seeds 10–19); λ selection: lowest mean '
+                          'validation metric over S=3 selection seeds per λ (seeds 0–2); commits 1234567-dirty, '
+                          'abcdef0.')
+  assert report.format_seeds([0, 1, 2, 5, 7, 8]) == '0–2, 5, 7–8'
+
+
+def test_dropout_and_batchnorm_rows(tmp_path):
+  d = str(tmp_path)
+  s = 'mnist_mlp/default'
+  for seed in range(3):
+    _write(d, f'do{seed}', _run(s, 'dropout', 0.3, seed, 'final', 2.6))
+    _write(d, f'bn{seed}', _run(s, 'batchnorm', 0.0, seed, 'final', 2.7))
+  _write(d, 'ae', _run('mnist_autoencoder/default', 'cw_vr', 0.1, 0, 'final', None, loss=0.012))
+  out = report.render(report.load_runs([d]))
+  _, body = _table(_section(out, '## Table 7'))
+  assert list(body) == ['Baseline', 'L1W', 'L2W', 'Dropout', 'Batch norm', 'CR (DeCov)', 'cw-CR', 'VR',
+                        'cw-VR', 'L1R']
+  assert body['Dropout']['Default (`mnist_mlp/default`)'] == '**2.60 ± 0.00** (n=3, λ=0.3 (no select runs))'
+  assert body['Batch norm']['Default (`mnist_mlp/default`)'] == '2.70 ± 0.00 (n=3)'  # no λ
+  _, ae = _table(_section(out, '## Table 10'))
+  assert 'Dropout' not in ae and 'Batch norm' not in ae
+
+
+def _verdict(values):
+  cells = report.build_cells([report.Run('s', reg, 0.1, seed, 'final', 'test', err, None, 'p')
+                              for reg, errs in values.items() for seed, err in enumerate(errs)])
+  return report.dropout_bn_verdict(cells['s'])[0]
+
+
+def test_dropout_bn_verdict():
+  do = [2.6, 2.7, 2.5, 2.65, 2.55]
+  bn = [2.7, 2.6, 2.65, 2.75, 2.6]
+  better = [x - 0.3 + e for x, e in zip(do, (0.01, -0.01, 0.02, 0.0, -0.02))]
+  assert _verdict({'dropout': do, 'batchnorm': bn, 'cw_vr': better}) == 'holds (significant)'
+  # L1R alone suffices; cw-VR worse than dropout.
+  assert _verdict({'dropout': do, 'batchnorm': bn, 'cw_vr': [x + 0.1 for x in do], 'l1r': better}) \
+      == 'holds (significant)'
+  noisy = [x - 0.05 + e for x, e in zip(do, (0.3, -0.3, 0.2, -0.2, 0.0))]
+  assert min(np.mean(noisy) - np.mean(do), np.mean(noisy) - np.mean(bn)) < 0
+  assert _verdict({'dropout': do, 'batchnorm': bn, 'cw_vr': noisy}) == 'holds in the means only'
+  assert _verdict({'dropout': do, 'batchnorm': bn, 'cw_vr': [x + 0.2 for x in bn]}) == 'does not hold'
+  # Beating dropout (significantly) but not batch norm is not enough.
+  low_bn = [x - 0.5 for x in do]
+  assert _verdict({'dropout': do, 'batchnorm': low_bn, 'cw_vr': better}) == 'does not hold'
+  assert _verdict({'dropout': do, 'cw_vr': better}) == 'n/a'  # no batch norm row
+  assert _verdict({'dropout': do, 'batchnorm': bn}) == 'n/a'  # neither cw-VR nor L1R
