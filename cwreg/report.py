@@ -10,7 +10,10 @@ Input: sweep directories holding one ``results.json`` per training run (any dept
 plus optionally a ``stats.json`` (`cwreg.stats.representation_statistics`) next to a final run's
 ``results.json`` for Table 5. Runs whose ``status`` is not ``"finished"`` (in progress, ``"diverged"``, …)
 are treated as missing: they never enter a mean, but their status is shown (``n=3, 2 diverged`` in a cell,
-``diverged`` in the λ-search table). Unreadable files are skipped and listed.
+``diverged`` in the λ-search table). Unreadable files are skipped and listed (relative to their sweep).
+The same runs can come from records files instead (`cwreg.records`: one JSONL line per run); both sources go
+through `normalize_result` and `run_of_record`, and the markdown shows only what the runs record (no paths,
+no clock), so a report from records equals the one from the sweep directories.
 
 Conventions (also printed in the report):
 
@@ -22,6 +25,10 @@ Conventions (also printed in the report):
   number follow. Bold marks the lowest mean of each column at display precision (all cells of a tie);
   partially finished cells count. Missing cells are ``—``.
 * ResNet-110 (Table 4) follows the paper's ``best (mean ± std)`` and is bolded by the best run.
+* Each table states its runs' epochs, final seeds, λ-selection protocol and commits; a table of runs
+  shorter than the scenario family's protocol (`PROTOCOL`) says so in its title.
+* Gains tables: regularizer − baseline (and cw-CR − CR, cw-VR − VR) paired by seed, with a Student-t 95 % CI
+  and paired t-test p, beside the paper's gain ± SE; † = differs from the paper's (`differs_from_paper`).
 """
 
 from __future__ import annotations
