@@ -14,6 +14,12 @@ global value and a per-device gradient that sums to the global one. Summing the 
 (``psum``) then gives exactly ∇J̃ — the same update as one device on the whole batch, BatchNorm statistics
 (synced through the same axis) included.
 
+Dropout and batch norm (config.model.dropout/batchnorm, MLP and CNN). The dropout rate is a traced per-run
+input like λ (weights['dropout']), so runs that differ only in it form one group. Its masks come from a
+per-step key that every device shares, fold_in(fold_in(run key, DROPOUT_STREAM), step), and each example's
+index in the global batch (models.dropout), and BatchNorm averages its statistics over `AXIS`: a step on D
+devices is the step on one, and a resumed run repeats the masks of the uninterrupted one.
+
 Input. Small datasets live in device memory; each epoch's order is a permutation drawn from
 (seed, epoch), and ``steps_per_dispatch`` steps run as one ``lax.scan`` so a step never waits on the host.
 """
@@ -58,6 +64,9 @@ OPTIMIZERS = ('adam', 'momentum', 'rmsprop', 'sgd')
 KERNEL_INITS = ('lecun_normal', 'glorot_uniform')
 SCHEDULES = ('constant', 'piecewise')
 NO_PENALTY = 'none'
+#: Folded into a run's key for its dropout keys; the augmentation keys fold the step in first, and a step
+#: never reaches this value, so the two streams never share a key.
+DROPOUT_STREAM = 0x64726F70  # 'drop'
 
 
 class TrainState(train_state.TrainState):
@@ -81,22 +90,40 @@ def _choice(kind: str, value: str, valid) -> None:
         raise ConfigError(f'Unknown {kind} {value!r}; valid choices: {sorted(valid)}.')
 
 
-def _init_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """config.model's initializers; `get` with the defaults, so configs recorded before them still load."""
-    return dict(kernel_init=config.model.get('kernel_init', 'lecun_normal'),
-                bias_init=float(config.model.get('bias_init', 0.0)))
+#: Families with the optional dropout and batch-norm layers (the ResNet has its own BN, no dropout).
+SHAPING_FAMILIES = ('mlp', 'cnn')
+#: Families whose Dense/Conv initializers config.model.kernel_init/bias_init set (the ResNet: He init).
+INIT_FAMILIES = ('mlp', 'cnn', 'autoencoder')
+
+
+def _model_options(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
+    """Constructor options of config.model's dropout/batchnorm/init fields, per group of families.
+
+    `get` with the defaults: configs recorded before these fields existed (results.json) build the
+    models they trained.
+    """
+    batchnorm = bool(config.model.get('batchnorm', False))
+    return {
+        'init': dict(kernel_init=config.model.get('kernel_init', 'lecun_normal'),
+                     bias_init=float(config.model.get('bias_init', 0.0))),
+        # dropout: whether the layers exist; their rate is a traced per-run input (weights['dropout']).
+        'shaping': dict(dropout=config.model.get('dropout', 0.0) > 0, batchnorm=batchnorm,
+                        bn_axis_name=AXIS if batchnorm else None),
+    }
 
 
 def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> models.nn.Module:
     """Builds the configured model; config.model.width/depth mean what the family's constructor says."""
     name = config.model.name
     _choice('model', name, models.MODELS)
+    options = _model_options(config)
     kwargs = {
         'mlp': dict(num_classes=num_classes, width=config.model.width, depth=config.model.depth,
-                    **_init_options(config)),
-        'cnn': dict(num_classes=num_classes, fc_width=config.model.width, **_init_options(config)),
+                    **options['init'], **options['shaping']),
+        'cnn': dict(num_classes=num_classes, fc_width=config.model.width, **options['init'],
+                    **options['shaping']),
         'resnet': dict(num_classes=num_classes, depth=config.model.depth, bn_axis_name=AXIS),
-        'autoencoder': dict(**_init_options(config)),
+        'autoencoder': dict(**options['init']),
     }[name]
     try:
         return models.create_model(name, **kwargs)
@@ -184,6 +211,26 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
                               f'{dataset.name}, got {dataset.num_classes!r}.')
 
 
+def _check_model_options(config: ml_collections.ConfigDict) -> None:
+    """Dropout/batch norm and the initializers only where the model family has them, else ConfigError."""
+    name = config.model.name
+    if name not in SHAPING_FAMILIES:
+        has = {'resnet': ' (the ResNet has batch norm of its own)'}.get(name, '')
+        if config.model.dropout:
+            raise ConfigError(f'config.model.dropout must be 0 for model {name!r}{has}: only '
+                              f'{list(SHAPING_FAMILIES)} have dropout layers, got {config.model.dropout!r}.')
+        if config.model.batchnorm:
+            raise ConfigError(f'config.model.batchnorm must be False for model {name!r}{has}: only '
+                              f'{list(SHAPING_FAMILIES)} take optional batch norm, got True.')
+    if name not in INIT_FAMILIES:
+        defaults = {'kernel_init': 'lecun_normal', 'bias_init': 0.0}
+        for field, default in defaults.items():
+            if config.model[field] != default:
+                raise ConfigError(f'config.model.{field} must be {default!r} for model {name!r} (He init, '
+                                  f'bias-free convolutions): only {list(INIT_FAMILIES)} take it, got '
+                                  f'{config.model[field]!r}.')
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError (a ValueError), naming the field and what it accepts, for anything a run cannot use.
 
@@ -192,6 +239,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """
     _choice('dataset', config.dataset.name, data_lib.DATASETS)
     _check_ranges(config)
+    _check_model_options(config)
     model = model_from_config(config, num_classes=10)
     _choice('representation penalty', config.penalty.name, (NO_PENALTY, *penalties.PENALTIES))
     layers = model.layer_names()
@@ -283,14 +331,27 @@ def _layer_params(model, params, layer: str):
     return {name: params[name] for name in model.param_names(layer)}
 
 
-def _forward(task: Task, params, batch_stats, images, train: bool):
+def _has_dropout(task: Task) -> bool:
+    return bool(getattr(task.model, 'dropout', False))
+
+
+def _forward(task: Task, params, batch_stats, images, train: bool, dropout_rate=None, dropout_rng=None,
+             example_ids=None):
+    """(outputs, sown intermediates, new batch_stats); training batch norm uses and updates batch statistics.
+
+    A model with dropout needs, in training, `dropout_rate` (traced), `dropout_rng` and `example_ids` (see
+    models.dropout); evaluation (train=False) applies no dropout and uses BN's running averages.
+    """
     variables = {'params': params}
     mutable = ['intermediates']
     if batch_stats is not None:
         variables['batch_stats'] = batch_stats
         if train:
             mutable.append('batch_stats')
-    outputs, updates = task.model.apply(variables, images, train=train, mutable=mutable)
+    kwargs = {}
+    if train and _has_dropout(task):
+        kwargs = dict(dropout_rate=dropout_rate, example_ids=example_ids, rngs={'dropout': dropout_rng})
+    outputs, updates = task.model.apply(variables, images, train=train, mutable=mutable, **kwargs)
     intermediates = {name: value[0] for name, value in updates['intermediates'].items()}
     return outputs, intermediates, updates.get('batch_stats', batch_stats)
 
@@ -323,24 +384,33 @@ def _weight_terms(task: Task, params, weights):
     return total
 
 
-def train_step(task: Task, state: TrainState, images, labels, weights, rng, axis_name=AXIS):
+def train_step(task: Task, state: TrainState, images, labels, weights, rng, axis_name=AXIS, dropout_rng=None):
     """One optimizer step on this device's part of the global batch (inside pmap over `axis_name`).
 
     Args:
       task: static description of the run.
       state: replicated train state.
       images, labels: this device's examples (local batch).
-      weights: {'penalty': λ, 'weight_penalty': λ_w} as traced scalars (so runs can be vmapped over λ).
+      weights: {'penalty': λ, 'weight_penalty': λ_w, 'dropout': rate} as traced scalars (so runs can be
+        vmapped over them); 'dropout' is read only by a model with dropout.
       rng: per-step key (augmentation).
+      dropout_rng: per-step dropout key, the same on every device (default: `rng`). Each example's masks
+        are drawn from it and the example's index in the global batch (device · local batch + position),
+        so the step does not depend on how many devices share the batch.
     Returns:
       new state and metrics {'loss', 'penalty', 'correct', 'objective'} of the global batch.
     """
     num_devices = lax.axis_size(axis_name)
+    local_batch = labels.shape[0]
+    example_ids = lax.axis_index(axis_name) * local_batch + jnp.arange(local_batch)
+    dropout_rate = weights['dropout'] if _has_dropout(task) else None
+    dropout_rng = rng if dropout_rng is None else dropout_rng
     if task.augment:
         images = data_lib.augment_cifar(rng, images)
 
     def objective(params):
-        outputs, intermediates, new_batch_stats = _forward(task, params, state.batch_stats, images, True)
+        outputs, intermediates, new_batch_stats = _forward(task, params, state.batch_stats, images, True,
+                                                           dropout_rate, dropout_rng, example_ids)
         per_example, is_correct = _per_example_loss(task, outputs, images, labels)
         loss, correct = jnp.mean(per_example), jnp.sum(is_correct)
         penalty = _penalty_value(task, intermediates, labels, axis_name)
@@ -371,7 +441,10 @@ def train_chunk(task: Task, num_steps: int, global_batch: int, state: TrainState
         offset = (first_step + step_in_chunk) * global_batch + device * local_batch
         index = lax.dynamic_slice_in_dim(order, offset, local_batch)
         step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
-        return train_step(task, state, images[index], labels[index], weights, step_rng, axis_name)
+        # Not folded with the device: dropout masks are a function of (run, step, example) only.
+        dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, DROPOUT_STREAM), state.step)
+        return train_step(task, state, images[index], labels[index], weights, step_rng, axis_name,
+                          dropout_rng=dropout_rng)
 
     if task.fuse_steps:
         return lax.scan(body, state, jnp.arange(num_steps))
@@ -520,9 +593,11 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
+    shaping = ''.join([f', dropout {config.model.dropout}' if config.model.dropout else '',
+                       ', batch norm' if config.model.batchnorm else ''])
     return (f'{config.scenario} seed {config.seed}: penalty {config.penalty.name} (λ={config.penalty.weight}, '
             f'layer {config.penalty.layer}), weight penalty {config.weight_penalty.name} '
-            f'(λ={config.weight_penalty.weight})')
+            f'(λ={config.weight_penalty.weight}){shaping}')
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -620,11 +695,16 @@ def _record_configs(group_dir: str, configs: Sequence[ml_collections.ConfigDict]
 
 
 def _group_key(config: ml_collections.ConfigDict) -> str:
-    """Everything but seed and the penalty weights: runs sharing it can be trained as one group."""
+    """Everything but seed, the penalty weights and the dropout rate: runs sharing it can be one group.
+
+    Of each weight and the rate only whether it is > 0 counts: that decides the program (a penalty term,
+    dropout layers); the values are traced per-run inputs.
+    """
     config = ml_collections.ConfigDict(config.to_dict())
     config.seed = 0
     config.penalty.weight = float(config.penalty.weight > 0)
     config.weight_penalty.weight = float(config.weight_penalty.weight > 0)
+    config.model.dropout = float(config.model.dropout > 0)
     return json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
@@ -847,7 +927,8 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     """Trains runs that differ only in seed and λ as one vmapped program; writes each run's results.json.
 
     Args:
-      configs: one config per run; all equal except `seed`, `penalty.weight`, `weight_penalty.weight`.
+      configs: one config per run; all equal except `seed`, `penalty.weight`, `weight_penalty.weight` and
+        `model.dropout` (each > 0 in all runs or in none).
       workdirs: one directory per run (results.json goes there).
       group_dir: where the group's config.json, checkpoints and metrics go (a resumed group continues from
         there; one holding other configs raises ConfigMismatchError).
@@ -861,7 +942,7 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     for config in configs:
         validate_config(config)
     if len({_group_key(c) for c in configs}) > 1:
-        raise ConfigError('Runs of a group may differ only in seed and penalty weights.')
+        raise ConfigError('Runs of a group may differ only in seed and penalty weights (and dropout rate).')
     group_dir = os.path.abspath(group_dir)
     check_workdir_config(group_dir, configs)
     os.makedirs(group_dir, exist_ok=True)
@@ -890,7 +971,8 @@ def _train_group(configs, workdirs, files: _RunFiles, on_nonfinite: str, save_va
     state = jax.device_get(initial_states(task, tx, dataset.train.images, [c.seed for c in configs]))
     state = state.replace(step=np.asarray(state.step[0]))  # one step counter for the whole group
     weights = {'penalty': np.array([c.penalty.weight if task.penalty else 0.0 for c in configs], np.float32),
-               'weight_penalty': np.array([c.weight_penalty.weight for c in configs], np.float32)}
+               'weight_penalty': np.array([c.weight_penalty.weight for c in configs], np.float32),
+               'dropout': np.array([c.model.dropout for c in configs], np.float32)}
     rngs = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(c.seed), 2)) for c in configs])
     diverged = [None] * num_runs
 
@@ -1048,35 +1130,53 @@ def _evaluate(p_eval, p_state, eval_arrays, task: Task, prefix: str = '') -> dic
     return {prefix + k: v for k, v in out.items()}
 
 
-#: The paper's regularizers (plus L1R): representation penalties and weight penalties, and 'baseline'.
-REGULARIZERS = ('baseline', *penalties.WEIGHT_PENALTIES, *penalties.PENALTIES)
+#: The paper's regularizers (plus L1R): weight penalties, the two non-penalty regularizers it compares
+#: with (dropout, batch norm), representation penalties, and 'baseline'.
+REGULARIZERS = ('baseline', *penalties.WEIGHT_PENALTIES, 'dropout', 'batchnorm', *penalties.PENALTIES)
 
 
 def set_regularizer(config: ml_collections.ConfigDict, regularizer: str, weight: float) -> None:
-    """Turns on exactly one of REGULARIZERS with weight λ (baseline: none), in place."""
+    """Turns on exactly one of REGULARIZERS with weight λ (baseline: none), in place.
+
+    'dropout' takes the rate as its weight (config.model.dropout); 'batchnorm' has no strength and
+    ignores the weight (config.model.batchnorm = True). Every other regularizer turns both off.
+    """
     _choice('regularizer', regularizer, REGULARIZERS)
     config.penalty.name, config.penalty.weight = NO_PENALTY, 0.0
     config.weight_penalty.name, config.weight_penalty.weight = NO_PENALTY, 0.0
+    config.model.dropout, config.model.batchnorm = 0.0, False
     if regularizer in penalties.PENALTIES:
         config.penalty.name, config.penalty.weight = regularizer, float(weight)
     elif regularizer in penalties.WEIGHT_PENALTIES:
         config.weight_penalty.name, config.weight_penalty.weight = regularizer, float(weight)
+    elif regularizer == 'dropout':
+        config.model.dropout = float(weight)
+    elif regularizer == 'batchnorm':
+        config.model.batchnorm = True
 
 
 def regularizer_name(config: ml_collections.ConfigDict) -> str:
+    """The regularizer a config trains with (a penalty first, then dropout, then batch norm)."""
     if config.penalty.name != NO_PENALTY and config.penalty.weight > 0:
         return config.penalty.name
     if config.weight_penalty.name != NO_PENALTY and config.weight_penalty.weight > 0:
         return config.weight_penalty.name
+    if config.model.get('dropout', 0.0) > 0:  # `get`: results.json of before these fields
+        return 'dropout'
+    if config.model.get('batchnorm', False):
+        return 'batchnorm'
     return 'baseline'
 
 
 def regularizer_weight(config: ml_collections.ConfigDict) -> float:
+    """λ of regularizer_name's regularizer: the rate for dropout, 0 for batch norm and the baseline."""
     name = regularizer_name(config)
     if name in penalties.PENALTIES:
         return float(config.penalty.weight)
     if name in penalties.WEIGHT_PENALTIES:
         return float(config.weight_penalty.weight)
+    if name == 'dropout':
+        return float(config.model.dropout)
     return 0.0
 
 

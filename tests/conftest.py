@@ -76,6 +76,11 @@ _SLOW_PREFIXES = (
     'tests/test_faults.py::test_ctrl_c_says_where_the_run_stopped_and_closes_everything',
     'tests/test_penalty_inputs.py::test_padding_ids_zero_rows_and_where_give_the_unpadded_penalty[cw_cr-shape0-default',
     'tests/test_penalty_inputs.py::test_padding_ids_zero_rows_and_where_give_the_unpadded_penalty[cw_vr-shape0-default',
+    # Dropout and batch norm in the trainer: 1k-MLP runs (20-60 s each), one on 4 devices in a subprocess.
+    'tests/test_dropout_bn.py::test_rate_zero_trains_bitwise_as_without_dropout',
+    'tests/test_dropout_bn.py::test_resumed_run_with_dropout_and_batchnorm_equals_the_uninterrupted_one',
+    'tests/test_dropout_bn.py::test_group_of_dropout_rates_equals_the_runs_trained_one_by_one',
+    'tests/test_dropout_bn.py::test_four_devices_train_as_one_with_dropout_and_batchnorm',
 )
 
 

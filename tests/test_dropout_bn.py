@@ -11,7 +11,6 @@ Each test names the mutation of the code it was seen to catch.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import subprocess
@@ -20,6 +19,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -218,3 +218,215 @@ def test_lecun_normal_default_and_batchnorm_layers_have_no_bias():
     assert all('bias' not in bn['params'][f'Conv_{i}'] for i in range(1, 5)) and 'bias' not in bn['params']['Dense_fc']
     np.testing.assert_array_equal(bn['params']['Dense_logits']['bias'], 0.5)
     np.testing.assert_array_equal(bn['params']['BatchNorm_fc']['bias'], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: the registry, validation, groups.
+
+
+def test_set_regularizer_turns_on_exactly_one_and_run_identity_reports_it():
+    config = default.get_config()
+    assert train.REGULARIZERS[:5] == ('baseline', 'l1w', 'l2w', 'dropout', 'batchnorm')
+    train.set_regularizer(config, 'dropout', 0.3)
+    assert (config.model.dropout, config.model.batchnorm, config.penalty.name) == (0.3, False, 'none')
+    assert train.run_identity(config)['regularizer'] == 'dropout' and train.regularizer_weight(config) == 0.3
+    train.set_regularizer(config, 'batchnorm', 0.0)
+    assert (config.model.dropout, config.model.batchnorm) == (0.0, True)
+    assert (train.regularizer_name(config), train.regularizer_weight(config)) == ('batchnorm', 0.0)
+    for other, weight in (('cw_vr', 0.1), ('l2w', 1e-3), ('baseline', 0.0)):
+        train.set_regularizer(config, 'dropout', 0.3)
+        train.set_regularizer(config, other, weight)
+        assert (config.model.dropout, config.model.batchnorm) == (0.0, False), other
+        assert (train.regularizer_name(config), train.regularizer_weight(config)) == (other, weight)
+    train.set_regularizer(config, 'batchnorm', 0.0)
+    train.set_regularizer(config, 'cr', 0.1)
+    assert not config.model.batchnorm
+    # results.json of runs recorded before these fields: still named by their penalties.
+    old = ml_collections.ConfigDict(default.get_config().to_dict())
+    del old.model['dropout'], old.model['batchnorm']
+    assert train.regularizer_name(old) == 'baseline'
+
+
+def test_model_from_config_builds_the_dropout_and_batchnorm_layers():
+    config = default.get_config()
+    config.model.dropout, config.model.batchnorm, config.model.kernel_init = 0.2, True, 'glorot_uniform'
+    model = train.model_from_config(config, 10)
+    assert (model.dropout, model.batchnorm, model.bn_axis_name, model.kernel_init) == (
+        True, True, train.AXIS, 'glorot_uniform')
+    assert train.model_from_config(default.get_config(), 10) == MLP(width=100, depth=5)
+    config = cifar10_cnn.get_config('cw_vr')
+    config.model.bias_init = 0.1
+    config.model.dropout = 0.5
+    model = train.model_from_config(config, 10)
+    assert (model.dropout, model.batchnorm, model.bias_init) == (True, False, 0.1)
+
+
+@pytest.mark.parametrize('family,field,value', [
+    ('resnet', 'dropout', 0.5), ('resnet', 'batchnorm', True), ('resnet', 'kernel_init', 'glorot_uniform'),
+    ('resnet', 'bias_init', 0.1), ('autoencoder', 'dropout', 0.5), ('autoencoder', 'batchnorm', True),
+])
+def test_families_without_the_option_reject_it(family, field, value):
+    config = {'resnet': resnet, 'autoencoder': mnist_autoencoder}[family].get_config('cw_vr')
+    config.model[field] = value
+    with pytest.raises(train.ConfigError) as error:
+        train.validate_config(config)
+    message = str(error.value)
+    assert f'config.model.{field}' in message and repr(family) in message and repr(value) in message, message
+    assert "'mlp'" in message, message  # what accepts it
+
+
+@pytest.mark.parametrize('rate', [1.0, -0.1, 1.5, float('nan')])
+def test_dropout_rate_outside_zero_one_is_rejected(rate):
+    config = default.get_config()
+    train.set_regularizer(config, 'dropout', rate)
+    with pytest.raises(train.ConfigError, match=r'config\.model\.dropout must be a rate in \[0, 1\)'):
+        train.validate_config(config)
+
+
+def test_group_key_ignores_the_dropout_rate_but_not_whether_there_is_dropout():
+    configs = [default.get_config() for _ in range(3)]
+    for config, rate in zip(configs, (0.2, 0.5, 0.0)):
+        train.set_regularizer(config, 'dropout', rate)
+    keys = [train._group_key(c) for c in configs]
+    assert keys[0] == keys[1] != keys[2]
+    bn = default.get_config()
+    train.set_regularizer(bn, 'batchnorm', 0.0)
+    assert train._group_key(bn) not in keys
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training with dropout and batch norm.
+
+
+def _config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+    """The 1k MLP of tests/test_train.py (10 steps an epoch, chunks of 4), one epoch, with `overrides`."""
+    return tt._small_mlp_config(data_dir, **{'num_epochs': 1, **overrides})
+
+
+def _final_state(group_dir: str, step: int = 1):
+    return tt._restore_checkpoint(group_dir, step=step)['state']
+
+
+def test_rate_zero_trains_bitwise_as_without_dropout(tmp_path, monkeypatch):
+    """A model WITH dropout layers at rate 0 trains (whole train_group) exactly as the model without.
+
+    Mutation caught: the trainer feeding a rate other than config.model.dropout to the layers.
+    """
+    data_dir, config = str(tmp_path / 'tfds'), _config(str(tmp_path / 'tfds'))
+    with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
+        plain = train.train_and_evaluate(config, str(tmp_path / 'plain'))
+        built = []
+        original = train.model_from_config
+
+        def with_dropout_layers(config, num_classes):
+            built.append(original(config, num_classes).clone(dropout=True))
+            return built[-1]
+
+        monkeypatch.setattr(train, 'model_from_config', with_dropout_layers)
+        dropped = train.train_and_evaluate(_config(data_dir), str(tmp_path / 'rate0'))
+    assert built and all(m.dropout for m in built)
+    for key in ('loss', 'error', 'penalty_value', 'steps'):
+        assert dropped[key] == plain[key], key
+    jax.tree.map(np.testing.assert_array_equal, _final_state(str(tmp_path / 'rate0')),
+                 _final_state(str(tmp_path / 'plain')))
+
+
+def test_resumed_run_with_dropout_and_batchnorm_equals_the_uninterrupted_one(tmp_path, monkeypatch):
+    """Dropout masks are a function of (seed, step, example), not of the process or of how steps are
+    dispatched: resuming after epoch 1 with another steps_per_dispatch ends bitwise equal.
+
+    Mutation caught: the dropout key folded with the step's place in its chunk instead of the step.
+    """
+    data_dir = str(tmp_path / 'tfds')
+    shaping = {'model.dropout': 0.3, 'model.batchnorm': True}
+    with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
+        reference = train.train_and_evaluate(_config(data_dir, num_epochs=2, **shaping), str(tmp_path / 'ref'))
+        train.train_and_evaluate(_config(data_dir, **shaping), str(tmp_path / 'run'))
+        with tt._record_epochs(monkeypatch) as epochs:
+            resumed = train.train_and_evaluate(_config(data_dir, num_epochs=2, steps_per_dispatch=10, **shaping),
+                                               str(tmp_path / 'run'))
+    assert epochs == [1]
+    for key in ('loss', 'error', 'penalty_value', 'steps'):
+        assert resumed[key] == reference[key], key
+    final = _final_state(str(tmp_path / 'run'), step=2)
+    assert final['batch_stats'] is not None
+    jax.tree.map(np.testing.assert_array_equal, final, _final_state(str(tmp_path / 'ref'), step=2))
+
+
+def test_group_of_dropout_rates_equals_the_runs_trained_one_by_one(tmp_path):
+    """Runs with different dropout rates (and batch norm) train as one vmapped group, each as it trains alone.
+
+    Mutation caught: one rate (the first run's) for the whole group.
+    """
+    data_dir = str(tmp_path / 'tfds')
+    configs = [_config(data_dir, **{'model.dropout': 0.2, 'model.batchnorm': True}),
+               _config(data_dir, seed=1, **{'model.dropout': 0.6, 'model.batchnorm': True})]
+    with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
+        grouped = train.train_group(configs, [str(tmp_path / f'g{i}') for i in range(2)], str(tmp_path / 'group'))
+        separate = [train.train_and_evaluate(c, str(tmp_path / f's{i}')) for i, c in enumerate(configs)]
+    group_state = _final_state(str(tmp_path / 'group'))
+    for r, (g, s) in enumerate(zip(grouped, separate)):
+        assert (g['regularizer'], g['weight']) == (s['regularizer'], s['weight']) == ('cw_vr', 1.0)
+        assert g['config']['model']['dropout'] == configs[r].model.dropout
+        np.testing.assert_allclose(g['loss'], s['loss'], rtol=1e-5)
+        alone = _final_state(str(tmp_path / f's{r}'))
+        for part in ('params', 'batch_stats'):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a[r], b[0], rtol=1e-5, atol=1e-6),
+                         group_state[part], alone[part])
+    assert grouped[0]['loss'] != grouped[1]['loss']
+
+
+_DEVICES_SCRIPT = textwrap.dedent('''
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import jax
+    import test_dropout_bn as T
+    from cwreg import train
+    assert jax.device_count() == 4, jax.devices()
+    with T.tt._mock_tfds(T.tt._NUM_TRAIN, T.tt._NUM_TEST):
+        train.train_and_evaluate(T._multidevice_config(sys.argv[2]), sys.argv[3])
+''')
+
+
+def _multidevice_config(data_dir: str) -> ml_collections.ConfigDict:
+    """Dropout and batch norm, plain SGD (its update is the gradient), 6 steps in chunks of 4 and 2."""
+    return _config(data_dir, num_train_steps=6, **{'model.dropout': 0.4, 'model.batchnorm': True,
+                                                  'optimizer.name': 'sgd', 'optimizer.learning_rate': 0.1})
+
+
+def test_four_devices_train_as_one_with_dropout_and_batchnorm(tmp_path):
+    """Dropout masks drawn per global example with a key shared by the devices, and batch statistics
+    averaged over them: 4 devices (25 examples each) end with 1 device's parameters and statistics.
+
+    Mutations caught: the dropout key folded with the device index; BatchNorm without axis_name.
+    """
+    workdirs = {n: str(tmp_path / f'devices{n}') for n in (1, 4)}
+    script = tmp_path / 'four_devices.py'
+    script.write_text(_DEVICES_SCRIPT)
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
+               CUDA_VISIBLE_DEVICES='', PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
+    proc = subprocess.Popen([sys.executable, str(script), TESTS_DIR, str(tmp_path / 'tfds4'), workdirs[4]],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # the one-device run trains meanwhile
+        config = _multidevice_config(str(tmp_path / 'tfds1'))
+        with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
+            one = train.train_and_evaluate(config, workdirs[1])
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output[-6000:]
+    four = tt._read_results(workdirs[4])
+    np.testing.assert_allclose(four['loss'], one['loss'], rtol=1e-5)
+    assert four['error'] == one['error']
+    states = {n: tt._restore_checkpoint(w)['state'] for n, w in workdirs.items()}
+    initial = train.initial_state(train.Task.from_config(config, 10), train.create_optimizer(config),
+                                  np.zeros((1, *MNIST), np.float32), config.seed)
+    for (path, p4), p1, p0 in zip(jax.tree_util.tree_leaves_with_path(states[4]['params']),
+                                  jax.tree.leaves(states[1]['params']), jax.tree.leaves(initial.params)):
+        update4, update1 = p4[0] - np.asarray(p0), p1[0] - np.asarray(p0)
+        scale = np.abs(update1).max()
+        np.testing.assert_allclose(update4 / scale, update1 / scale, rtol=0, atol=1e-4,
+                                   err_msg=f'update of {jax.tree_util.keystr(path)}')
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 states[4]['batch_stats'], states[1]['batch_stats'])
