@@ -21,6 +21,8 @@ A manifest (``docs/results/reports.json``) lists the committed reports and the r
 
 Paths are relative to the repository root (``root``); ``tables`` (optional) restricts the report to those
 keys of `cwreg.report.TABLES` ('other': scenarios outside them); without it the report has every table.
+An entry with ``"variants": [name_a, name_b]`` and one records file per variant is a comparison of two
+variants of the same runs instead (`cwreg.faithfulness`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from cwreg import report
 # Runs a records file keeps: results. Runs in progress are not results yet.
 KEPT_STATUSES: tuple[str, ...] = ('finished', 'diverged')
 _REQUIRED = ('scenario', 'regularizer', 'weight', 'seed', 'phase', 'status')
-MANIFEST_KEYS = frozenset({'out', 'records', 'tables'})
+MANIFEST_KEYS = frozenset({'out', 'records', 'tables', 'variants'})
 
 _log = logging.getLogger(__name__)
 
@@ -128,8 +130,11 @@ def read_manifest(path: str) -> list[dict[str, Any]]:
 
 def render_entry(entry: Mapping[str, Any], root: str = '.') -> str:
   """The markdown of one manifest entry, from its records alone (paths relative to ``root``)."""
-  loaded = load_records([os.path.join(root, p) for p in entry['records']])
-  return report.render(loaded, tables=entry.get('tables'))
+  paths = [os.path.join(root, p) for p in entry['records']]
+  if 'variants' in entry:  # one records file per variant of the same runs (e.g. the TF 1.x check)
+    from cwreg import faithfulness  # pylint: disable=g-import-not-at-top  (it imports this module)
+    return faithfulness.document(entry['variants'], paths)
+  return report.render(load_records(paths), tables=entry.get('tables'))
 
 
 def write_manifest(path: str, root: str = '.') -> list[str]:

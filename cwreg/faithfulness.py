@@ -1,0 +1,106 @@
+"""Does training as TF 1.x did change the MNIST results? Two variants of the same runs, side by side.
+
+Issue #12 asks whether the paper's TF 1.5 defaults, which differ from Flax's and optax's (Glorot-uniform
+instead of LeCun-normal kernels; Adam's ε added before the bias correction, `cwreg.optim`), move the baseline
+or the gains. Input: the records (`cwreg.records`) of one small sweep per variant with the same regularizers,
+λ and final seeds. Output: a markdown table with, per regularizer, each variant's final test error, their
+difference (Welch's t; the variants share seeds, hence data order, but not initial weights), each variant's
+paired gain over its own baseline, and the difference of the gains (SEs added, Welch–Satterthwaite dof).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+from cwreg import records
+from cwreg import report
+
+
+def final_errors(records_path: str) -> dict[str, dict[int, float]]:
+    """{regularizer: {seed: final test metric}} of one variant's records."""
+    finals: dict[str, dict[int, float]] = collections.defaultdict(dict)
+    for run in records.load_records([records_path]).runs:
+        if run.phase == 'final':
+            finals[run.regularizer][run.seed] = run.metric
+    return finals
+
+
+def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """mean(b) − mean(a), its 95 % half-width and two-sided p (Welch's unequal-variance t-test)."""
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    diff, se = float(np.mean(b) - np.mean(a)), math.sqrt(va + vb)
+    return diff, float(scipy_stats.t.ppf(0.975, dof)) * se, float(2 * scipy_stats.t.sf(abs(diff) / se, dof))
+
+
+def _gain_difference(ga: report.Paired, gb: report.Paired) -> tuple[float, float, float]:
+    var = ga.se ** 2 + gb.se ** 2
+    dof = var ** 2 / (ga.se ** 4 / (ga.n - 1) + gb.se ** 4 / (gb.n - 1))
+    diff, se = gb.mean - ga.mean, math.sqrt(var)
+    return diff, float(scipy_stats.t.ppf(0.975, dof)) * se, float(2 * scipy_stats.t.sf(abs(diff) / se, dof))
+
+
+def _interval(diff: float, half: float, p: float) -> str:
+    return f'{diff:+.2f} [{diff - half:+.2f}, {diff + half:+.2f}] ({report.format_p(p)})'
+
+
+def _gain_text(gain: Optional[report.Paired]) -> str:
+    return report.MISSING if gain is None or gain.se is None else _interval(
+        gain.mean, gain.high - gain.mean, gain.p)
+
+
+def final_weights(records_path: str) -> dict[str, float]:
+    """{regularizer: λ of its final runs}; raises ValueError if one regularizer has finals at two λ."""
+    weights: dict[str, set[float]] = collections.defaultdict(set)
+    for run in records.load_records([records_path]).runs:
+        if run.phase == 'final':
+            weights[run.regularizer].add(run.weight)
+    if any(len(w) > 1 for w in weights.values()):
+        raise ValueError(f'{records_path}: final runs of one regularizer at several λ: {dict(weights)}')
+    return {reg: w.pop() for reg, w in weights.items()}
+
+
+def render(names: Sequence[str], paths: Sequence[str]) -> str:
+    """Markdown comparing exactly two variants: their names and records files (same regularizers and λ)."""
+    (name_a, name_b), (path_a, path_b) = names, paths
+    a, b = final_errors(path_a), final_errors(path_b)
+    weights = final_weights(path_a)
+    if weights != final_weights(path_b):
+        raise ValueError(f'The variants ran other λ: {weights} vs {final_weights(path_b)}.')
+    header = ['Regularizer', 'λ', f'{name_a}: error (%)', f'{name_b}: error (%)', f'{name_b} − {name_a}',
+              f'gain over baseline, {name_a}', f'gain over baseline, {name_b}', 'difference of the gains']
+    rows = []
+    for reg in report.REGULARIZER_ORDER:
+        if reg not in a or reg not in b or 'baseline' not in a or 'baseline' not in b:
+            continue
+        ea, eb = list(a[reg].values()), list(b[reg].values())
+        row = [report.DISPLAY_NAMES[reg], report.format_weight(weights.get(reg, 0.0)) if reg != 'baseline'
+               else '—', _mean_sd(ea), _mean_sd(eb), _interval(*_welch(ea, eb))]
+        if reg == 'baseline':
+            row += ['—', '—', '—']
+        else:
+            ga = report.paired_difference(a[reg], a['baseline'])
+            gb = report.paired_difference(b[reg], b['baseline'])
+            row += [_gain_text(ga), _gain_text(gb), _interval(*_gain_difference(ga, gb))]
+        rows.append(row)
+    return '\n'.join(report._md_table(header, rows)) + '\n'  # pylint: disable=protected-access
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    return f'{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (n={len(values)})'
+
+
+def document(names: Sequence[str], paths: Sequence[str]) -> str:
+    """The committed markdown: a title, each variant's `Runs:` line (epochs, seeds, commit), the table."""
+    lines = [f'# {names[1]} vs {names[0]}: MNIST MLP, final test error', '']
+    for name, path in zip(names, paths):
+        loaded = records.load_records([path])
+        scenarios = sorted({r.scenario for r in loaded.runs})
+        lines.append(f'{name}: {report.protocol_line(scenarios, loaded.runs)}')
+        lines.append('')
+    return '\n'.join(lines) + '\n' + render(names, paths)
