@@ -7,13 +7,14 @@ on the command line: ``--config.penalty.weight=0.1 --config.penalty.layer=layer3
 
 import ml_collections
 
-from cwreg.train import REGULARIZERS
-from cwreg.train import set_regularizer  # noqa: F401  (re-exported for the family configs)
-#: The paper's λ grid (suppl. A.1).
-WEIGHT_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-#: λ of a single run where no λ search has been run for the scenario (the sweep searches WEIGHT_GRID).
-WEIGHTS = {'baseline': 0.0, 'l1w': 0.001, 'l2w': 0.001, 'cr': 0.1, 'cw_cr': 0.1, 'vr': 0.1, 'cw_vr': 0.1,
-           'l1r': 0.1}
+from cwreg.names import REGULARIZERS
+from cwreg.names import set_regularizer  # noqa: F401  (re-exported for the family configs)
+
+#: λ of a single run where no λ search has been run for the scenario (the sweep searches
+#: cwreg.names.WEIGHT_GRID); dropout's is its rate, batch norm has none. The autoencoder and the ResNet
+#: have no dropout or optional batch norm: the trainer rejects those two there (ConfigError).
+WEIGHTS = {'baseline': 0.0, 'l1w': 0.001, 'l2w': 0.001, 'dropout': 0.5, 'batchnorm': 0.0, 'cr': 0.1,
+           'cw_cr': 0.1, 'vr': 0.1, 'cw_vr': 0.1, 'l1r': 0.1}
 
 
 def get_config() -> ml_collections.ConfigDict:

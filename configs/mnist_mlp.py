@@ -21,8 +21,9 @@ from configs import default
 
 SCENARIOS = ('default', 'size1k', 'size5k', 'width2', 'width8')
 #: λ chosen by our validation search on the default scenario (docs/results/mnist_mlp_default.md).
-WEIGHTS = {'baseline': 0.0, 'l1w': 0.001, 'l2w': 0.001, 'cr': 1.0, 'cw_cr': 1.0, 'vr': 0.1, 'cw_vr': 1.0,
-           'l1r': 1.0}
+#: Dropout (rate 0.5) and batch norm: no search run (configs/default.py).
+WEIGHTS = {'baseline': 0.0, 'l1w': 0.001, 'l2w': 0.001, 'dropout': 0.5, 'batchnorm': 0.0, 'cr': 1.0,
+           'cw_cr': 1.0, 'vr': 0.1, 'cw_vr': 1.0, 'l1r': 1.0}
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:

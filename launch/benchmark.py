@@ -32,7 +32,7 @@ config_flags.DEFINE_config_file('config', 'configs/mnist_mlp.py:cw_vr', 'Run con
 
 def main(argv):
     del argv
-    from cwreg import bench
+    from cwreg.experiments import bench
     if FLAGS.suite == 'penalties':
         baseline = bench.load_baseline(FLAGS.baseline) if FLAGS.baseline else None
         rows = bench.penalty_rows(names=FLAGS.penalties, repeats=FLAGS.repeats, baseline=baseline)

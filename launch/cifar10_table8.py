@@ -6,13 +6,13 @@ r"""Table 8's data-size columns (CIFAR-10 CNN, 1k and 5k training images) in one
    from --source_dir (default ../shared/data/cifar10-partial), or reuses it if already prepared, so that
    folder alone can be carried to an accelerator (`--prepare_only` stops here);
 2. runs the λ search + 5 seeds of every regularizer for configs/cifar10_cnn.py:size1k and :size5k
-   (cwreg.sweep.run_sweep, vmapped groups of --max_group runs) under --work_dir (default workdirs/table8);
+   (cwreg.experiments.sweep.run_sweep, vmapped groups of --max_group runs) under --work_dir (default workdirs/table8);
    re-running the same command skips finished runs and resumes interrupted ones;
 3. writes table8.md (the two columns beside the paper's, the λ searches), runs.jsonl (one record per run)
    and report.md into --out_dir (default <work_dir>/tables; never docs/results unless asked).
 
 λ is chosen on training images 5,000-9,999 (the paper's hold-out, images 40k-50k, is not in the subset):
-see cwreg/table8.py. --toy runs the same pipeline at toy scale (300/100 images, 1 epoch, 2 λ, 2 seeds;
+see cwreg/experiments/table8.py. --toy runs the same pipeline at toy scale (300/100 images, 1 epoch, 2 λ, 2 seeds;
 data/table8_toy, workdirs/table8_toy) in a few minutes on a CPU; its tables are titled as no result.
 """
 
@@ -45,8 +45,8 @@ def main(argv):
         raise app.UsageError('Too many command-line arguments.')
     import tensorflow as tf
     tf.config.experimental.set_visible_devices([], 'GPU')
-    from cwreg import table8
-    from cwreg import train
+    from cwreg.experiments import table8
+    from cwreg.training import loop
     cache = FLAGS.compilation_cache
     if cache is None:
         cache = os.path.join(FLAGS.work_dir or (table8.DEFAULT_WORK_DIR + ('_toy' if FLAGS.toy else '')),
@@ -54,8 +54,8 @@ def main(argv):
     if cache and not FLAGS.prepare_only:
         import jax
         jax.config.update('jax_compilation_cache_dir', os.path.abspath(cache))
-    train.quiet_backend_probing()
-    train.run_command(lambda: table8.main(
+    loop.quiet_backend_probing()
+    loop.run_command(lambda: table8.main(
         toy=FLAGS.toy, source_dir=FLAGS.source_dir or table8.DEFAULT_SOURCE_DIR, data_dir=FLAGS.data_dir,
         work_dir=FLAGS.work_dir, out_dir=FLAGS.out_dir, scenarios=FLAGS.columns,
         regularizers=FLAGS.regularizers, max_group=FLAGS.max_group, prepare_only=FLAGS.prepare_only))

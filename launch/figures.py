@@ -33,7 +33,7 @@ flags.mark_flags_as_required(['sweep_dir'])
 
 def main(argv):
     del argv
-    from cwreg import figures
+    from cwreg.experiments import figures
     for path in figures.representation_figures(FLAGS.sweep_dir, FLAGS.out):
         print('wrote', path)
     if FLAGS.layer_dir and FLAGS.layers:

@@ -7,8 +7,8 @@ Usage:
       --source_dir=/work/shared/data/cifar10-partial/cifar-10-batches-py \
       --data_dir=/path/to/tensorflow_datasets
 
-Afterwards `cwreg.data.load_dataset(name, data_dir=...)` loads it. What `--source_dir` must hold
-for each dataset: see `cwreg.prepare.SOURCE_DESCRIPTIONS`.
+Afterwards `cwreg.training.data.load_dataset(name, data_dir=...)` loads it. What `--source_dir` must hold
+for each dataset: see `cwreg.training.prepare.SOURCE_DESCRIPTIONS`.
 """
 
 from collections.abc import Sequence
@@ -17,7 +17,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from cwreg import prepare
+from cwreg.training import prepare
 
 _DATASET = flags.DEFINE_enum('dataset', None, list(prepare.PREPARABLE), 'TFDS dataset name.')
 _SOURCE_DIR = flags.DEFINE_string(

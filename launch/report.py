@@ -10,7 +10,7 @@ Usage:
   # Regenerate every committed report listed in the manifest (writing into docs/results is explicit):
   python launch/report.py --manifest=docs/results/reports.json
 
-All logic lives in `cwreg.report` and `cwreg.records`; see their docstrings for the λ tie rule, the std
+All logic lives in `cwreg.experiments.report` and `cwreg.experiments.records`; see their docstrings for the λ tie rule, the std
 convention, the paired statistics and the records and manifest formats.
 """
 
@@ -25,15 +25,15 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
-from cwreg import records
-from cwreg import report
+from cwreg.experiments import records
+from cwreg.experiments import report
 
 # Never docs/results: a default run must not overwrite committed results.
 DEFAULT_OUT = os.path.join('reports', 'tables.md')
 
 _SWEEP_DIRS = flags.DEFINE_list('sweep_dirs', None, 'Comma-separated sweep directories (searched for '
                                 '**/results.json).')
-_RECORDS = flags.DEFINE_list('records', None, 'Comma-separated records files (JSONL, `cwreg.records`): '
+_RECORDS = flags.DEFINE_list('records', None, 'Comma-separated records files (JSONL, `cwreg.experiments.records`): '
                              'the report is built from them alone (instead of --sweep_dirs).')
 _EXPORT_RECORDS = flags.DEFINE_string('export_records', None, 'With --sweep_dirs: also write their records '
                                       '(JSONL) to this path.')

@@ -5,7 +5,7 @@ r"""λ search over S selection seeds, then F final seeds, for every regularizer 
       [--config.dataset.data_dir=...]
 
 --selection_seeds=1 --final_seeds=5 is the paper's protocol (one validation run per λ, 5 seeds); the default
-(3 and 10) chooses λ by a mean over 3 seeds and measures it on 10 others (cwreg/sweep.py).
+(3 and 10) chooses λ by a mean over 3 seeds and measures it on 10 others (cwreg/experiments/sweep.py).
 
 --config=FILE:SCENARIO (its regularizer is ignored; the sweep sets each one in turn):
   configs/mnist_mlp.py          scenarios: default, size1k, size5k, width2, width8
@@ -37,12 +37,14 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from cwreg import names
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Scenario config (its regularizer is ignored).',
                                 lock_config=True)
 flags.DEFINE_string('sweep_dir', None, 'Directory of the sweep (one sub-directory per run).')
-flags.DEFINE_list('regularizers', 'baseline,l1w,l2w,cr,cw_cr,vr,cw_vr,l1r', 'Regularizers to run.')
-flags.DEFINE_list('weights', '0.001,0.01,0.1,1,10,100', 'The λ grid of the select phase.')
+flags.DEFINE_list('regularizers', ','.join(names.SWEEP_REGULARIZERS), 'Regularizers to run.')
+flags.DEFINE_list('weights', ','.join(f'{w:g}' for w in names.WEIGHT_GRID), 'The λ grid of the select phase.')
 flags.DEFINE_integer('selection_seeds', 3, 'S: seeds 0..S-1 train each λ; λ is chosen by their mean.')
 flags.DEFINE_integer('final_seeds', 10, 'F: final runs per regularizer, seeds S..S+F-1.')
 flags.DEFINE_integer('max_group', 6, 'Runs trained together as one vmapped program.')
@@ -54,10 +56,10 @@ def main(argv):
         raise app.UsageError('Too many command-line arguments.')
     import tensorflow as tf
     tf.config.experimental.set_visible_devices([], 'GPU')
-    from cwreg import sweep
-    from cwreg import train
-    train.quiet_backend_probing()
-    chosen = train.run_command(lambda: sweep.run_sweep(
+    from cwreg.experiments import sweep
+    from cwreg.training import loop
+    loop.quiet_backend_probing()
+    chosen = loop.run_command(lambda: sweep.run_sweep(
         FLAGS.config, FLAGS.sweep_dir, regularizers=FLAGS.regularizers,
         grid=[float(w) for w in FLAGS.weights],
         protocol=sweep.Protocol.of(FLAGS.selection_seeds, FLAGS.final_seeds), max_group=FLAGS.max_group))

@@ -55,11 +55,11 @@ def main(argv):
     if FLAGS.distributed:
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU hosts; GPUs use NCCL
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    from cwreg import train
-    train.quiet_backend_probing()
+    from cwreg.training import loop
+    loop.quiet_backend_probing()
     logging.info('JAX process %d/%d, local devices: %s', jax.process_index(), jax.process_count(),
                  jax.local_devices())
-    results = train.run_command(lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir))
+    results = loop.run_command(lambda: loop.train_and_evaluate(FLAGS.config, FLAGS.workdir))
     metric = 'error (%)' if results['error'] is not None else 'MSE'
     value = results['error'] if results['error'] is not None else results['loss']
     print(f"{results['scenario']} {results['regularizer']} (λ={results['weight']}, seed {results['seed']}): "

@@ -16,7 +16,7 @@ CIFAR10_PARTIAL_SOURCE_DIR = os.path.join(SHARED_DATA, 'cifar10-partial', 'cifar
 def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
   """A TFDS data_dir with the REAL `mnist` and `cifar10_partial` prepared, once per session.
 
-  Load from it with `cwreg.data.load_dataset(name, data_dir=real_data_dir)`. Preparing takes
+  Load from it with `cwreg.training.data.load_dataset(name, data_dir=real_data_dir)`. Preparing takes
   ~20-30 s on 2 cores; skipped where the original files are absent.
   """
   for source in (MNIST_SOURCE_DIR, CIFAR10_PARTIAL_SOURCE_DIR):
@@ -24,7 +24,7 @@ def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
       if os.environ.get('CI'):  # CI has shared/ beside the checkout: a missing copy is a failure there.
         pytest.fail(f'real data not found: {source}')
       pytest.skip(f'real data not available: {source}')
-  from cwreg import prepare  # pylint: disable=g-import-not-at-top
+  from cwreg.training import prepare  # pylint: disable=g-import-not-at-top
 
   data_dir = str(tmp_path_factory.mktemp('tfds_data'))
   prepare.prepare_dataset('mnist', source_dir=MNIST_SOURCE_DIR, data_dir=data_dir)

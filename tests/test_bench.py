@@ -2,7 +2,7 @@
 
 import math
 
-from cwreg import bench
+from cwreg.experiments import bench
 
 
 def test_train_step_rows_report_overheads_and_the_product_floor():
@@ -29,7 +29,7 @@ def test_representation_width_is_the_number_of_units_of_the_layer():
 
 def test_penalty_rows_time_both_label_forms_against_a_baseline(tmp_path):
     import pathlib
-    source = pathlib.Path(bench.__file__).with_name('penalties.py')
+    source = pathlib.Path(bench.__file__).parent.parent / 'penalties.py'
     baseline = bench.load_baseline(str(source))
     rows = bench.penalty_rows(shapes=((8, 5, 3),), names=('cw_vr', 'vr'), repeats=2, baseline=baseline)
     assert [(r['penalty'], r['labels']) for r in rows] == [('cw_vr', 'ids'), ('cw_vr', 'one-hot'), ('vr', 'ids')]

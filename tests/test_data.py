@@ -1,4 +1,4 @@
-"""Tests of cwreg.data (protocol, loading, augmentation) and cwreg.prepare (offline preparation)."""
+"""Tests of cwreg.training.data (protocol, loading, augmentation) and cwreg.training.prepare (offline preparation)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from cwreg import cifar10_partial
-from cwreg import data
-from cwreg import prepare
+from cwreg.training import cifar10_partial
+from cwreg.training import data
+from cwreg.training import prepare
 
 tf.config.experimental.set_visible_devices([], 'GPU')
 

@@ -31,8 +31,11 @@ for path in (REPO_ROOT, TESTS_DIR):
 
 import test_train as tt  # noqa: E402  (its mock-data helpers; pytest collects only its own module's tests)
 from configs import cifar10_cnn, default, mnist_autoencoder, resnet  # noqa: E402
-from cwreg import models, train  # noqa: E402
-from cwreg.models import CNN, MLP  # noqa: E402
+from cwreg import names  # noqa: E402
+from cwreg.training import config as config_lib  # noqa: E402
+from cwreg.training import loop, models, registry  # noqa: E402
+from cwreg.training import step as step_lib  # noqa: E402
+from cwreg.training.models import CNN, MLP  # noqa: E402
 
 MNIST = (28, 28, 1)
 
@@ -226,38 +229,38 @@ def test_lecun_normal_default_and_batchnorm_layers_have_no_bias():
 
 def test_set_regularizer_turns_on_exactly_one_and_run_identity_reports_it():
     config = default.get_config()
-    assert train.REGULARIZERS[:5] == ('baseline', 'l1w', 'l2w', 'dropout', 'batchnorm')
-    train.set_regularizer(config, 'dropout', 0.3)
+    assert names.REGULARIZERS[:5] == ('baseline', 'l1w', 'l2w', 'dropout', 'batchnorm')
+    names.set_regularizer(config, 'dropout', 0.3)
     assert (config.model.dropout, config.model.batchnorm, config.penalty.name) == (0.3, False, 'none')
-    assert train.run_identity(config)['regularizer'] == 'dropout' and train.regularizer_weight(config) == 0.3
-    train.set_regularizer(config, 'batchnorm', 0.0)
+    assert registry.run_identity(config)['regularizer'] == 'dropout' and registry.regularizer_weight(config) == 0.3
+    names.set_regularizer(config, 'batchnorm', 0.0)
     assert (config.model.dropout, config.model.batchnorm) == (0.0, True)
-    assert (train.regularizer_name(config), train.regularizer_weight(config)) == ('batchnorm', 0.0)
+    assert (registry.regularizer_name(config), registry.regularizer_weight(config)) == ('batchnorm', 0.0)
     for other, weight in (('cw_vr', 0.1), ('l2w', 1e-3), ('baseline', 0.0)):
-        train.set_regularizer(config, 'dropout', 0.3)
-        train.set_regularizer(config, other, weight)
+        names.set_regularizer(config, 'dropout', 0.3)
+        names.set_regularizer(config, other, weight)
         assert (config.model.dropout, config.model.batchnorm) == (0.0, False), other
-        assert (train.regularizer_name(config), train.regularizer_weight(config)) == (other, weight)
-    train.set_regularizer(config, 'batchnorm', 0.0)
-    train.set_regularizer(config, 'cr', 0.1)
+        assert (registry.regularizer_name(config), registry.regularizer_weight(config)) == (other, weight)
+    names.set_regularizer(config, 'batchnorm', 0.0)
+    names.set_regularizer(config, 'cr', 0.1)
     assert not config.model.batchnorm
     # results.json of runs recorded before these fields: still named by their penalties.
     old = ml_collections.ConfigDict(default.get_config().to_dict())
     del old.model['dropout'], old.model['batchnorm']
-    assert train.regularizer_name(old) == 'baseline'
+    assert registry.regularizer_name(old) == 'baseline'
 
 
 def test_model_from_config_builds_the_dropout_and_batchnorm_layers():
     config = default.get_config()
     config.model.dropout, config.model.batchnorm, config.model.kernel_init = 0.2, True, 'glorot_uniform'
-    model = train.model_from_config(config, 10)
+    model = config_lib.model_from_config(config, 10)
     assert (model.dropout, model.batchnorm, model.bn_axis_name, model.kernel_init) == (
-        True, True, train.AXIS, 'glorot_uniform')
-    assert train.model_from_config(default.get_config(), 10) == MLP(width=100, depth=5)
+        True, True, config_lib.AXIS, 'glorot_uniform')
+    assert config_lib.model_from_config(default.get_config(), 10) == MLP(width=100, depth=5)
     config = cifar10_cnn.get_config('cw_vr')
     config.model.bias_init = 0.1
     config.model.dropout = 0.5
-    model = train.model_from_config(config, 10)
+    model = config_lib.model_from_config(config, 10)
     assert (model.dropout, model.batchnorm, model.bias_init) == (True, False, 0.1)
 
 
@@ -268,8 +271,8 @@ def test_model_from_config_builds_the_dropout_and_batchnorm_layers():
 def test_families_without_the_option_reject_it(family, field, value):
     config = {'resnet': resnet, 'autoencoder': mnist_autoencoder}[family].get_config('cw_vr')
     config.model[field] = value
-    with pytest.raises(train.ConfigError) as error:
-        train.validate_config(config)
+    with pytest.raises(config_lib.ConfigError) as error:
+        config_lib.validate_config(config)
     message = str(error.value)
     assert f'config.model.{field}' in message and repr(family) in message and repr(value) in message, message
     assert "'mlp'" in message, message  # what accepts it
@@ -278,20 +281,20 @@ def test_families_without_the_option_reject_it(family, field, value):
 @pytest.mark.parametrize('rate', [1.0, -0.1, 1.5, float('nan')])
 def test_dropout_rate_outside_zero_one_is_rejected(rate):
     config = default.get_config()
-    train.set_regularizer(config, 'dropout', rate)
-    with pytest.raises(train.ConfigError, match=r'config\.model\.dropout must be a rate in \[0, 1\)'):
-        train.validate_config(config)
+    names.set_regularizer(config, 'dropout', rate)
+    with pytest.raises(config_lib.ConfigError, match=r'config\.model\.dropout must be a rate in \[0, 1\)'):
+        config_lib.validate_config(config)
 
 
 def test_group_key_ignores_the_dropout_rate_but_not_whether_there_is_dropout():
     configs = [default.get_config() for _ in range(3)]
     for config, rate in zip(configs, (0.2, 0.5, 0.0)):
-        train.set_regularizer(config, 'dropout', rate)
-    keys = [train._group_key(c) for c in configs]
+        names.set_regularizer(config, 'dropout', rate)
+    keys = [registry._group_key(c) for c in configs]
     assert keys[0] == keys[1] != keys[2]
     bn = default.get_config()
-    train.set_regularizer(bn, 'batchnorm', 0.0)
-    assert train._group_key(bn) not in keys
+    names.set_regularizer(bn, 'batchnorm', 0.0)
+    assert registry._group_key(bn) not in keys
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,16 +317,16 @@ def test_rate_zero_trains_bitwise_as_without_dropout(tmp_path, monkeypatch):
     """
     data_dir, config = str(tmp_path / 'tfds'), _config(str(tmp_path / 'tfds'))
     with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
-        plain = train.train_and_evaluate(config, str(tmp_path / 'plain'))
+        plain = loop.train_and_evaluate(config, str(tmp_path / 'plain'))
         built = []
-        original = train.model_from_config
+        original = config_lib.model_from_config
 
         def with_dropout_layers(config, num_classes):
             built.append(original(config, num_classes).clone(dropout=True))
             return built[-1]
 
-        monkeypatch.setattr(train, 'model_from_config', with_dropout_layers)
-        dropped = train.train_and_evaluate(_config(data_dir), str(tmp_path / 'rate0'))
+        monkeypatch.setattr(config_lib, 'model_from_config', with_dropout_layers)
+        dropped = loop.train_and_evaluate(_config(data_dir), str(tmp_path / 'rate0'))
     assert built and all(m.dropout for m in built)
     for key in ('loss', 'error', 'penalty_value', 'steps'):
         assert dropped[key] == plain[key], key
@@ -340,10 +343,10 @@ def test_resumed_run_with_dropout_and_batchnorm_equals_the_uninterrupted_one(tmp
     data_dir = str(tmp_path / 'tfds')
     shaping = {'model.dropout': 0.3, 'model.batchnorm': True}
     with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
-        reference = train.train_and_evaluate(_config(data_dir, num_epochs=2, **shaping), str(tmp_path / 'ref'))
-        train.train_and_evaluate(_config(data_dir, **shaping), str(tmp_path / 'run'))
+        reference = loop.train_and_evaluate(_config(data_dir, num_epochs=2, **shaping), str(tmp_path / 'ref'))
+        loop.train_and_evaluate(_config(data_dir, **shaping), str(tmp_path / 'run'))
         with tt._record_epochs(monkeypatch) as epochs:
-            resumed = train.train_and_evaluate(_config(data_dir, num_epochs=2, steps_per_dispatch=10, **shaping),
+            resumed = loop.train_and_evaluate(_config(data_dir, num_epochs=2, steps_per_dispatch=10, **shaping),
                                                str(tmp_path / 'run'))
     assert epochs == [1]
     for key in ('loss', 'error', 'penalty_value', 'steps'):
@@ -362,8 +365,8 @@ def test_group_of_dropout_rates_equals_the_runs_trained_one_by_one(tmp_path):
     configs = [_config(data_dir, **{'model.dropout': 0.2, 'model.batchnorm': True}),
                _config(data_dir, seed=1, **{'model.dropout': 0.6, 'model.batchnorm': True})]
     with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
-        grouped = train.train_group(configs, [str(tmp_path / f'g{i}') for i in range(2)], str(tmp_path / 'group'))
-        separate = [train.train_and_evaluate(c, str(tmp_path / f's{i}')) for i, c in enumerate(configs)]
+        grouped = loop.train_group(configs, [str(tmp_path / f'g{i}') for i in range(2)], str(tmp_path / 'group'))
+        separate = [loop.train_and_evaluate(c, str(tmp_path / f's{i}')) for i, c in enumerate(configs)]
     group_state = _final_state(str(tmp_path / 'group'))
     for r, (g, s) in enumerate(zip(grouped, separate)):
         assert (g['regularizer'], g['weight']) == (s['regularizer'], s['weight']) == ('cw_vr', 1.0)
@@ -381,10 +384,14 @@ _DEVICES_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, sys.argv[1])
     import jax
     import test_dropout_bn as T
-    from cwreg import train
+    from cwreg.training import config as config_lib
+    from cwreg.training import step as step_lib
+    from cwreg.training import registry
+    from cwreg.training import loop
+    from cwreg import names
     assert jax.device_count() == 4, jax.devices()
     with T.tt._mock_tfds(T.tt._NUM_TRAIN, T.tt._NUM_TEST):
-        train.train_and_evaluate(T._multidevice_config(sys.argv[2]), sys.argv[3])
+        loop.train_and_evaluate(T._multidevice_config(sys.argv[2]), sys.argv[3])
 ''')
 
 
@@ -410,7 +417,7 @@ def test_four_devices_train_as_one_with_dropout_and_batchnorm(tmp_path):
     try:  # the one-device run trains meanwhile
         config = _multidevice_config(str(tmp_path / 'tfds1'))
         with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
-            one = train.train_and_evaluate(config, workdirs[1])
+            one = loop.train_and_evaluate(config, workdirs[1])
         output, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
@@ -420,7 +427,7 @@ def test_four_devices_train_as_one_with_dropout_and_batchnorm(tmp_path):
     np.testing.assert_allclose(four['loss'], one['loss'], rtol=1e-5)
     assert four['error'] == one['error']
     states = {n: tt._restore_checkpoint(w)['state'] for n, w in workdirs.items()}
-    initial = train.initial_state(train.Task.from_config(config, 10), train.create_optimizer(config),
+    initial = step_lib.initial_state(step_lib.Task.from_config(config, 10), config_lib.create_optimizer(config),
                                   np.zeros((1, *MNIST), np.float32), config.seed)
     for (path, p4), p1, p0 in zip(jax.tree_util.tree_leaves_with_path(states[4]['params']),
                                   jax.tree.leaves(states[1]['params']), jax.tree.leaves(initial.params)):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from cwreg import faithfulness
-from cwreg import records
+from cwreg.experiments import faithfulness
+from cwreg.experiments import records
 
 SEEDS = (1, 2, 3, 4, 5)
 

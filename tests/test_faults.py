@@ -21,7 +21,11 @@ from clu import metric_writers
 import orbax.checkpoint as ocp
 
 from configs import cifar100_cnn, cifar10_cnn, default, mnist_autoencoder, mnist_mlp, resnet
-from cwreg import train
+from cwreg.training import config as config_lib
+from cwreg.training import step as step_lib
+from cwreg.training import rundir
+from cwreg.training import loop
+from cwreg import names
 import test_train as T
 
 REPO_ROOT = T.REPO_ROOT
@@ -29,7 +33,7 @@ REPO_ROOT = T.REPO_ROOT
 
 def _run(data_dir: str, workdir: str, **overrides):
   with T._mock_tfds(T._NUM_TRAIN, T._NUM_TEST):
-    return train.train_and_evaluate(T._small_mlp_config(data_dir, **overrides), workdir)
+    return loop.train_and_evaluate(T._small_mlp_config(data_dir, **overrides), workdir)
 
 
 def _damage_checkpoint(workdir: str, step: int) -> None:
@@ -99,20 +103,20 @@ def closed(monkeypatch) -> list[str]:
 
   class Executor(concurrent.futures.ThreadPoolExecutor):
     def shutdown(self, *args, **kwargs):
-      if self._thread_name_prefix == train.SAVER_THREADS:  # not clu's own pools
+      if self._thread_name_prefix == rundir.SAVER_THREADS:  # not clu's own pools
         log.append('saver')
       super().shutdown(*args, **kwargs)
 
-  monkeypatch.setattr(train.ocp, 'CheckpointManager', Manager)
-  monkeypatch.setattr(train.metric_writers, 'AsyncMultiWriter', Writer)
-  monkeypatch.setattr(train.concurrent.futures, 'ThreadPoolExecutor', Executor)
+  monkeypatch.setattr(rundir.ocp, 'CheckpointManager', Manager)
+  monkeypatch.setattr(rundir.metric_writers, 'AsyncMultiWriter', Writer)
+  monkeypatch.setattr(rundir.concurrent.futures, 'ThreadPoolExecutor', Executor)
   return log
 
 
 def test_an_error_in_the_host_loop_closes_everything(tmp_path, closed):
   config = T._diverging_config(str(tmp_path / 'tfds'), T._HUGE_WEIGHT)
-  with T._mock_tfds(T._NUM_TRAIN, T._NUM_TEST), pytest.raises(train.NonFiniteLossError):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  with T._mock_tfds(T._NUM_TRAIN, T._NUM_TEST), pytest.raises(loop.NonFiniteLossError):
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert sorted(closed) == ['checkpoints', 'saver', 'writer']
 
 
@@ -137,9 +141,9 @@ def test_a_failed_save_is_logged_when_another_error_stops_the_run(tmp_path, clos
       raise RuntimeError('a bug in the host loop')
     return original(seed, epoch, num_examples)
 
-  original = train.epoch_order
+  original = step_lib.epoch_order
   monkeypatch.setattr(ocp.CheckpointManager, 'save', slow_failing_save)
-  monkeypatch.setattr(train, 'epoch_order', interrupt_at_epoch_1)
+  monkeypatch.setattr(step_lib, 'epoch_order', interrupt_at_epoch_1)
   with caplog.at_level('ERROR'), pytest.raises(RuntimeError, match='a bug'):
     _run(str(tmp_path / 'tfds'), str(tmp_path / 'run'))
   assert 'No space left on device' in _warnings(caplog)
@@ -157,10 +161,10 @@ def test_ctrl_c_says_where_the_run_stopped_and_closes_everything(tmp_path, close
       raise KeyboardInterrupt
     return original(seed, epoch, num_examples)
 
-  original = train.epoch_order
-  monkeypatch.setattr(train, 'epoch_order', interrupt_at_epoch_1)
+  original = step_lib.epoch_order
+  monkeypatch.setattr(step_lib, 'epoch_order', interrupt_at_epoch_1)
   workdir = str(tmp_path / 'run')
-  with pytest.raises(train.TrainingInterrupted) as stopped:
+  with pytest.raises(loop.TrainingInterrupted) as stopped:
     _run(str(tmp_path / 'tfds'), workdir)
   assert str(stopped.value) == (f'Stopped in epoch 2/3 at step 10/30 of {workdir}; the same command resumes '
                                 'it from its checkpoint of epoch 1.')
@@ -175,11 +179,11 @@ def test_run_command_turns_an_interrupt_into_one_line(how, status, capsys):
     if how == 'sigterm':
       os.kill(os.getpid(), signal.SIGTERM)
       time.sleep(10)  # the handler interrupts this
-    raise train.TrainingInterrupted('Stopped in epoch 2/3 at step 10/30 of /w; the same command resumes it.')
+    raise loop.TrainingInterrupted('Stopped in epoch 2/3 at step 10/30 of /w; the same command resumes it.')
 
   before = signal.getsignal(signal.SIGTERM)
   with pytest.raises(SystemExit) as exit_:
-    train.run_command(work)
+    loop.run_command(work)
   assert exit_.value.code == status
   err = capsys.readouterr().err
   expected = ('Stopped in epoch 2/3 at step 10/30 of /w; the same command resumes it.' if how == 'sigint' else
@@ -191,10 +195,10 @@ def test_run_command_turns_an_interrupt_into_one_line(how, status, capsys):
 
 def test_run_command_prints_a_config_error_without_a_traceback(capsys):
   def work():
-    raise train.ConfigMismatchError('/w holds a run of another config; fields that differ: seed: 0 -> 1.')
+    raise config_lib.ConfigMismatchError('/w holds a run of another config; fields that differ: seed: 0 -> 1.')
 
   with pytest.raises(SystemExit) as exit_:
-    train.run_command(work)
+    loop.run_command(work)
   assert exit_.value.code == 2
   err = capsys.readouterr().err
   assert err == 'Error: /w holds a run of another config; fields that differ: seed: 0 -> 1.\n'
@@ -206,13 +210,17 @@ _LAUNCH = textwrap.dedent('''
     tests_dir, script, num_train, delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     sys.path.insert(0, tests_dir)
     import test_train as T
-    from cwreg import train
+    from cwreg.training import config as config_lib
+    from cwreg.training import step as step_lib
+    from cwreg.training import rundir
+    from cwreg.training import loop
+    from cwreg import names
 
-    original = train.epoch_order
+    original = step_lib.epoch_order
     def slow_epoch_order(*args):  # slow epochs, so that the parent can stop the run between checkpoints
         time.sleep(delay)
         return original(*args)
-    train.epoch_order = slow_epoch_order
+    step_lib.epoch_order = slow_epoch_order
     sys.argv = [script] + sys.argv[5:]
     with T._mock_tfds(num_train, T._NUM_TEST):
         runpy.run_path(script, run_name='__main__')
@@ -320,15 +328,15 @@ def test_one_progress_line_per_epoch_on_stdout_and_none_in_the_logs(tmp_path, ca
 
 
 def test_progress_line_rounds_its_numbers():
-  line = train.progress_line(2, 50, 1500, 25_000, {'train_loss': np.array([0.123456789]),
+  line = loop.progress_line(2, 50, 1500, 25_000, {'train_loss': np.array([0.123456789]),
                                                     'train_error': np.array([12.3456789])}, 1234.5678)
   assert line == ('epoch 3/50  step 1500/25000  train_loss 0.1235  train_error 12.35  1,235 steps/s  '
                   'ETA 0:00:19')
-  assert train.progress_line(0, 1, 1, 100_000, {}, 0.5).endswith('0.5 steps/s  ETA 55:33:18')
+  assert loop.progress_line(0, 1, 1, 100_000, {}, 0.5).endswith('0.5 steps/s  ETA 55:33:18')
 
 
 def test_backend_probing_is_not_logged(caplog):
-  train.quiet_backend_probing()
+  loop.quiet_backend_probing()
   import logging  # pylint: disable=g-import-not-at-top
   probe = logging.getLogger('jax._src.xla_bridge')
   with caplog.at_level('INFO', logger='jax._src.xla_bridge'):
@@ -368,9 +376,9 @@ def test_help_lists_configs_scenarios_regularizers_and_fields(script):
   for path, module in _CONFIGS.items():
     listed = re.search(re.escape(path) + r' scenarios: (\w+(?:, \w+)*)', text)
     assert listed and listed.group(1).split(', ') == list(module.SCENARIOS), (path, text)
-  for regularizer in train.REGULARIZERS:
+  for regularizer in names.REGULARIZERS:
     assert re.search(rf'\b{regularizer}\b', text), regularizer
   assert 'configs/default.py' in text
-  for field in train._flatten(default.get_config().to_dict()):
+  for field in rundir._flatten(default.get_config().to_dict()):
     section, _, name = field.rpartition('.')
     assert re.search(rf'\b{section}\.{{[^}}]*\b{name}\b' if section else rf'\b{name}\b', text), field

@@ -1,4 +1,4 @@
-"""Tests for cwreg.models: shapes, sown names, parameter counts, BatchNorm behaviour, registry.
+"""Tests for cwreg.training.models: shapes, sown names, parameter counts, BatchNorm behaviour, registry.
 
 Parameter counts are recomputed here from the architectures (paper appendix A.2/A.3, He et al. 2016 sec. 4.2)
 rather than copied from the implementation. Batches are 2 images; ResNet-32/110 are only traced with
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cwreg import models
-from cwreg.models import CNN, MLP, MODELS, PREACT_SUFFIX, Autoencoder, ResNet, create_model
+from cwreg.training import models
+from cwreg.training.models import CNN, MLP, MODELS, PREACT_SUFFIX, Autoencoder, ResNet, create_model
 
 N = 2
 MNIST_SHAPE = (N, 28, 28, 1)
@@ -440,7 +440,7 @@ def test_every_model_lists_its_sown_names():
 
 
 class _MLPBefore(nn.Module):
-    """cwreg.models.MLP as it was before dropout, batchnorm, kernel_init and bias_init were added."""
+    """cwreg.training.models.MLP as it was before dropout, batchnorm, kernel_init and bias_init were added."""
 
     num_classes: int = 10
     width: int = 100
@@ -460,7 +460,7 @@ class _MLPBefore(nn.Module):
 
 
 class _CNNBefore(nn.Module):
-    """cwreg.models.CNN as it was before those options."""
+    """cwreg.training.models.CNN as it was before those options."""
 
     num_classes: int = 10
     fc_width: int = 128
@@ -485,7 +485,7 @@ class _CNNBefore(nn.Module):
 
 
 class _AutoencoderBefore(nn.Module):
-    """cwreg.models.Autoencoder as it was before kernel_init and bias_init."""
+    """cwreg.training.models.Autoencoder as it was before kernel_init and bias_init."""
 
     @nn.compact
     def __call__(self, x):

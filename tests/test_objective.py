@@ -1,11 +1,11 @@
 """The trainer's objective and mechanics, pinned against computations made outside the trainer.
 
 The reference (tests/objective_reference.py) uses only the model's `apply`, hand-written formulas for the
-loss, the penalties and the optimizers (the paper's settings), and `jax.grad`; nothing of cwreg.train or
-cwreg.penalties. The trainer side goes through cwreg.train's public entry points (Task, create_optimizer,
+loss, the penalties and the optimizers (the paper's settings), and `jax.grad`; nothing of cwreg.training or
+cwreg.penalties. The trainer side goes through cwreg.training's public entry points (Task, create_optimizer,
 initial_state, train_chunk, device_map, epoch_order, train_group).
 
-Each test names the deliberate mutations of cwreg/train.py (one of cwreg/penalties.py) it was checked to
+Each test names the deliberate mutations of cwreg/training/ (one of cwreg/penalties.py) it was checked to
 make fail ("Catches: ..."), one mutation at a time in a copy of the repository. Issue 11's six (½λΩ, no
 momentum, Adam for RMSProp, decay factor 1, one permutation for all epochs, no evaluation mask) all passed
 the trainer's and sweep's other tests.
@@ -40,8 +40,11 @@ from configs import cifar100_cnn  # noqa: E402
 from configs import cifar10_cnn  # noqa: E402
 from configs import mnist_mlp  # noqa: E402
 from configs import resnet  # noqa: E402
-from cwreg import data as data_lib  # noqa: E402
-from cwreg import train  # noqa: E402
+from cwreg.training import data as data_lib  # noqa: E402
+from cwreg.training import config as config_lib  # noqa: E402
+from cwreg.training import step as step_lib  # noqa: E402
+from cwreg.training import devices  # noqa: E402
+from cwreg.training import loop  # noqa: E402
 import objective_reference as ref  # noqa: E402
 
 NUM_CLASSES = 4
@@ -97,17 +100,17 @@ def _train_chunks(config, images, labels, order, chunks=(2,), seed=0):
 
     Returns (model, initial params, final params).
     """
-    task = train.Task.from_config(config, NUM_CLASSES)
-    state = train.initial_state(task, train.create_optimizer(config), images, seed)
+    task = step_lib.Task.from_config(config, NUM_CLASSES)
+    state = step_lib.initial_state(task, config_lib.create_optimizer(config), images, seed)
     params = jax.device_get(state.params)
     weights = {'penalty': np.float32(config.penalty.weight),
                'weight_penalty': np.float32(config.weight_penalty.weight)}
     rng = jax.random.key_data(jax.random.key(seed))
     first_step = 0
     for count in chunks:
-        chunk = train.device_map(functools.partial(train.train_chunk, task, count, config.batch_size))
-        state, _ = chunk(*train.replicate((state, images, labels, order, np.int32(first_step), weights, rng)))
-        state = train.unreplicate(state)
+        chunk = devices.device_map(functools.partial(step_lib.train_chunk, task, count, config.batch_size))
+        state, _ = chunk(*devices.replicate((state, images, labels, order, np.int32(first_step), weights, rng)))
+        state = devices.unreplicate(state)
         first_step += count
     return task.model, params, jax.device_get(state.params)
 
@@ -174,7 +177,7 @@ def test_optimizer_steps_equal_the_hand_written_update(name):
 
 def _lambda_as_strong_as_the_loss(penalty: str, images, labels, order) -> float:
     config = _config(penalty=penalty, lam=1.0)
-    model = train.model_from_config(config, NUM_CLASSES)
+    model = config_lib.model_from_config(config, NUM_CLASSES)
     params = model.init(jax.random.key(config.seed), images[:1])['params']
     first = order[:BATCH]
     return _balanced_weight(model, _spec(config), params, images[first], labels[first])
@@ -243,7 +246,7 @@ def test_weight_decay_is_half_squared_norm_of_every_kernel():
 
 
 def _updates_for_unit_gradients(config, num_steps: int) -> np.ndarray:
-    tx = train.create_optimizer(config)
+    tx = config_lib.create_optimizer(config)
     param = jnp.zeros(())
 
     def body(opt_state, _):
@@ -301,7 +304,7 @@ def test_paper_configs_keep_their_constant_rate_of_1e_4(config):
 
 def test_each_epoch_order_is_a_permutation_that_changes_every_epoch():
     """Catches: the same permutation in every epoch (epoch not folded into the key)."""
-    orders = {(seed, epoch): train.epoch_order(seed, epoch, 100) for seed in (0, 1) for epoch in range(5)}
+    orders = {(seed, epoch): step_lib.epoch_order(seed, epoch, 100) for seed in (0, 1) for epoch in range(5)}
     for order in orders.values():
         assert np.issubdtype(order.dtype, np.integer)
         np.testing.assert_array_equal(np.sort(order), np.arange(100))
@@ -310,7 +313,7 @@ def test_each_epoch_order_is_a_permutation_that_changes_every_epoch():
         for b in keys[i + 1:]:
             assert not np.array_equal(orders[a], orders[b]), (a, b)
     # A function of (seed, epoch) only: a resumed run replays the same epoch.
-    np.testing.assert_array_equal(train.epoch_order(1, 3, 100), orders[1, 3])
+    np.testing.assert_array_equal(step_lib.epoch_order(1, 3, 100), orders[1, 3])
 
 
 def test_training_follows_each_epochs_order_and_evaluation_ignores_the_padding(tmp_path, monkeypatch):
@@ -326,20 +329,20 @@ def test_training_follows_each_epochs_order_and_evaluation_ignores_the_padding(t
     test_images, test_labels = _data(23, seed=1)
     dataset = data_lib.Dataset(train=data_lib.Split(images, labels), eval=data_lib.Split(test_images, test_labels),
                                num_classes=NUM_CLASSES, name='mnist')
-    monkeypatch.setattr(train, 'load_data', lambda config: dataset)  # the data source is not under test
+    monkeypatch.setattr(loop, 'load_data', lambda config: dataset)  # the data source is not under test
     config = _config('momentum', 0.05, penalty='cw_vr', lam=1.0)
     config.dataset.train_size = 0
     config.num_epochs, config.steps_per_dispatch = 2, 3
     config.eval_batch_size, config.eval_every_epochs, config.checkpoint = 10, 1, False
     workdir = str(tmp_path / 'run')
-    (results,) = train.train_group([config], [workdir], workdir, save_variables=True)
+    (results,) = loop.train_group([config], [workdir], workdir, save_variables=True)
     with open(os.path.join(workdir, 'final_variables.msgpack'), 'rb') as f:
         final = flax.serialization.msgpack_restore(f.read())['params']
 
-    model = train.model_from_config(config, NUM_CLASSES)
+    model = config_lib.model_from_config(config, NUM_CLASSES)
     start = model.init(jax.random.key(config.seed), images[:1])['params']  # initial_state's documented init
     momentum = ref.momentum(ref.constant(0.05), mu=0.9)
-    epochs = np.concatenate([train.epoch_order(config.seed, 0, 40), train.epoch_order(config.seed, 1, 40)])
+    epochs = np.concatenate([step_lib.epoch_order(config.seed, 0, 40), step_lib.epoch_order(config.seed, 1, 40)])
     expected = ref.reference_training(model, _spec(config), momentum, start, images, labels, epochs, BATCH, 8)
     _assert_same_update(final, expected[-1], start)
     same_order = np.tile(epochs[:40], 2)
@@ -363,7 +366,10 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
     import numpy as np
     import test_objective as t
     import objective_reference as ref
-    from cwreg import train
+    from cwreg.training import config as config_lib
+    from cwreg.training import step as step_lib
+    from cwreg.training import devices
+    from cwreg.training import loop
 
     assert jax.local_device_count() == 2, jax.devices()
     images, labels = t._data()

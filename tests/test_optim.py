@@ -1,4 +1,4 @@
-"""TF 1.x's Adam and RMSProp (cwreg.optim) against TensorFlow's own tf.compat.v1 optimizers and NumPy."""
+"""TF 1.x's Adam and RMSProp (cwreg.training.optim) against TensorFlow's own tf.compat.v1 optimizers and NumPy."""
 
 import os
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from cwreg import optim
+from cwreg.training import optim
 
 STEPS = 30
 

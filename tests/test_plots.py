@@ -1,4 +1,4 @@
-"""Tests for cwreg.plots (Figures 1-3)."""
+"""Tests for cwreg.experiments.plots (Figures 1-3)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from cwreg import plots
+from cwreg.experiments import plots
 
 _PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 

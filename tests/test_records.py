@@ -1,4 +1,4 @@
-"""Tests for cwreg.records: per-run JSONL records, reports from records alone, the reports manifest."""
+"""Tests for cwreg.experiments.records: per-run JSONL records, reports from records alone, the reports manifest."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from cwreg import records
-from cwreg import report
-from cwreg import stats as stats_lib
+from cwreg.experiments import records
+from cwreg.experiments import report
+from cwreg.experiments import stats as stats_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MANIFEST = os.path.join(_REPO, 'docs', 'results', 'reports.json')
@@ -212,7 +212,7 @@ def test_default_outputs_are_not_committed_results(sweep, tmp_path):
 
 
 def test_figure_titles_state_the_epochs_run(tmp_path):
-  from cwreg import figures  # pylint: disable=g-import-not-at-top  (imports the training stack)
+  from cwreg.experiments import figures  # pylint: disable=g-import-not-at-top  (imports the training stack)
   layer_dir = str(tmp_path / 'layers')
   for seed, epochs in enumerate((10, 10)):
     _write(layer_dir, f'cw_vr/layer3/final_s{seed}',

@@ -1,4 +1,4 @@
-"""Tests for cwreg.report, launch/report.py and cwreg/paper_results.json."""
+"""Tests for cwreg.experiments.report, launch/report.py and cwreg/experiments/paper_results.json."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 
 from conftest import SHARED_DATA
 
-from cwreg import report
-from cwreg import stats as stats_lib
+from cwreg.experiments import report
+from cwreg.experiments import stats as stats_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

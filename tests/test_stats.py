@@ -1,4 +1,4 @@
-"""Tests for cwreg.stats (Table 5 representation statistics)."""
+"""Tests for cwreg.experiments.stats (Table 5 representation statistics)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 
-from cwreg import stats
+from cwreg.experiments import stats
 
 # ----------------------------------------------------------------------------------------------------------
 # A plain-loop oracle written from the module docstring's formulas (independent of the vectorised code).

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from configs import mnist_mlp
-from cwreg import figures
-from cwreg import report
-from cwreg import sweep
-from cwreg import train
+from cwreg.experiments import figures
+from cwreg.experiments import report
+from cwreg.experiments import sweep
+from cwreg.training import loop
 
 
 # Two selection seeds, so that the choice is by a mean; two final seeds, disjoint from them.
@@ -94,7 +94,7 @@ def test_rerun_skips_finished_runs(tiny_sweep, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError('a finished run was trained again')
 
-    monkeypatch.setattr(train, 'train_group', fail)
+    monkeypatch.setattr(loop, 'train_group', fail)
     assert sweep.run_sweep(base, sweep_dir, regularizers=('baseline', 'cw_vr'), grid=(0.01, 1.0),
                            protocol=PROTOCOL) == chosen
 
@@ -105,13 +105,13 @@ def test_rerun_trains_only_missing_runs(tiny_sweep, monkeypatch):
     before = _results(missing)
     os.remove(os.path.join(missing, 'results.json'))
     trained = []
-    original = train.train_group
+    original = loop.train_group
 
     def record(configs, workdirs, *args, **kwargs):
         trained.extend(workdirs)
         return original(configs, workdirs, *args, **kwargs)
 
-    monkeypatch.setattr(train, 'train_group', record)
+    monkeypatch.setattr(loop, 'train_group', record)
     sweep.run_sweep(base, sweep_dir, regularizers=('baseline', 'cw_vr'), grid=(0.01, 1.0), protocol=PROTOCOL)
     assert trained == [missing]
     after = _results(missing)
@@ -132,14 +132,14 @@ def test_final_runs_follow_a_changed_choice_of_lambda(tiny_sweep, tmp_path, monk
         with open(path, 'w') as f:
             json.dump(result, f)
     trained = []
-    original = train.train_group
+    original = loop.train_group
 
     def record(configs, workdirs, *args, **kwargs):
         trained.extend(workdirs)
         assert all(not os.path.exists(os.path.join(w, 'results.json')) for w in workdirs)  # stale ones removed
         return original(configs, workdirs, *args, **kwargs)
 
-    monkeypatch.setattr(train, 'train_group', record)
+    monkeypatch.setattr(loop, 'train_group', record)
     assert sweep.run_sweep(base, sweep_dir, regularizers=('cw_vr',), grid=(0.01, 1.0),
                            protocol=PROTOCOL)['cw_vr'] == other
     finals = [sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=s) for s in FINAL]
@@ -182,13 +182,13 @@ def test_unknown_regularizer_fails_before_training(tiny_sweep, tmp_path):
 
 def _record_trained(monkeypatch) -> list:
     trained = []
-    original = train.train_group
+    original = loop.train_group
 
     def record(configs, workdirs, *args, **kwargs):
         trained.extend(workdirs)
         return original(configs, workdirs, *args, **kwargs)
 
-    monkeypatch.setattr(train, 'train_group', record)
+    monkeypatch.setattr(loop, 'train_group', record)
     return trained
 
 

@@ -8,9 +8,10 @@ import sys
 import pytest
 
 from conftest import CIFAR10_PARTIAL_SOURCE_DIR as CIFAR_DIR  # pylint: disable=g-bad-import-order
-from cwreg import data as data_lib
-from cwreg import report
-from cwreg import table8
+from cwreg.training import data as data_lib
+from cwreg import names
+from cwreg.experiments import report
+from cwreg.experiments import table8
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, 'launch', 'cifar10_table8.py')
@@ -106,9 +107,9 @@ def test_toy_pipeline_writes_both_columns_and_resumes(tmp_path):
   table = table[:next(i for i, line in enumerate(table + ['']) if not line.startswith('|'))]
   rows = {line.split('|')[1].strip(): line.split('|')[2:4] for line in table}
   for reg in ran:
-    cells = rows[report.DISPLAY_NAMES[reg]]
+    cells = rows[names.DISPLAY_NAMES[reg]]
     assert all('(n=2' in cell and not cell.strip().startswith(report.MISSING) for cell in cells), (reg, cells)
-  assert {report.DISPLAY_NAMES[reg] for reg in table8.REGULARIZERS} <= set(rows)
+  assert {names.DISPLAY_NAMES[reg] for reg in table8.REGULARIZERS} <= set(rows)
   records = [json.loads(line) for line in open(os.path.join(out_dir, table8.RUNS_FILE))]
   per_column = 2 + 2 + 2  # baseline: 2 final seeds; cw_vr: 2 λ × 1 selection seed, 2 final seeds
   assert len(records) == 2 * per_column and all(r['status'] == 'finished' for r in records)

@@ -1,4 +1,4 @@
-"""Tests of cwreg.train: every paper config trains, configs fail early, pmap = one device, resume, NaN, real data.
+"""Tests of cwreg.training: every paper config trains, configs fail early, pmap = one device, resume, NaN, real data.
 
 Most runs read TFDS through `tfds.testing.mock_data` with our own `as_dataset_fn` (`_mock_tfds`): random
 uint8 images of the dataset's real shape and class-balanced labels, deterministic per split, with the
@@ -47,9 +47,13 @@ from configs import cifar10_cnn  # noqa: E402
 from configs import mnist_autoencoder  # noqa: E402
 from configs import mnist_mlp  # noqa: E402
 from configs import resnet  # noqa: E402
-from cwreg import data as data_lib  # noqa: E402
+from cwreg.training import data as data_lib  # noqa: E402
 from cwreg import penalties  # noqa: E402
-from cwreg import train  # noqa: E402
+from cwreg.training import config as config_lib  # noqa: E402
+from cwreg.training import step as step_lib  # noqa: E402
+from cwreg.training import devices  # noqa: E402
+from cwreg.training import rundir  # noqa: E402
+from cwreg.training import loop  # noqa: E402
 
 tf.config.experimental.set_visible_devices([], 'GPU')
 
@@ -188,7 +192,7 @@ def test_one_step_of_every_config(family, scenario, tmp_path):
   num_train = config.dataset.train_size or (200 if family == 'cifar100_cnn' else 40)
   workdir = str(tmp_path / 'run')
   with _mock_tfds(num_train, num_test=20):
-    results = train.train_and_evaluate(config, workdir)
+    results = loop.train_and_evaluate(config, workdir)
 
   assert _as_json(results) == _read_results(workdir)
   assert set(RESULT_FIELDS) <= set(results)
@@ -209,7 +213,7 @@ def test_one_step_of_every_config(family, scenario, tmp_path):
   assert _checkpoint_steps(workdir) == [1]
   saved = _restore_checkpoint(workdir)
   assert int(saved['epoch']) == 1 and int(saved['state']['step']) == 1
-  model = train.model_from_config(config, num_classes=config.dataset.num_classes or _NUM_CLASSES[family])
+  model = config_lib.model_from_config(config, num_classes=config.dataset.num_classes or _NUM_CLASSES[family])
   expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                             jax.ShapeDtypeStruct((1, *_IMAGE_SHAPES[family]), np.float32))
   # The checkpoint holds the group's state: one leading run axis on every parameter.
@@ -227,7 +231,7 @@ def test_validation_run_reports_the_selection_phase(tmp_path):
   # so the training split must hold more than 10k examples.
   config = _small_mlp_config(str(tmp_path / 'tfds'), num_epochs=1, **{'dataset.validation': True})
   with _mock_tfds(num_train=11_000, num_test=20):
-    results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    results = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert (results['phase'], results['eval_split'], results['steps']) == ('select', 'validation', 10)
   assert 0.0 <= results['error'] <= 100.0 and np.isfinite(results['loss'])
 
@@ -235,8 +239,8 @@ def test_validation_run_reports_the_selection_phase(tmp_path):
 def test_resnet110_builds_and_steps_abstractly(tmp_path):
   index = _SMOKE_CASES.index(('resnet', 'resnet110'))
   config = _smoke_config('resnet', 'resnet110', index, str(tmp_path / 'tfds'))
-  train.validate_config(config)
-  task = train.Task.from_config(config, num_classes=10)
+  config_lib.validate_config(config)
+  task = step_lib.Task.from_config(config, num_classes=10)
   assert task.model.depth == 110 and task.augment and task.weight_decay > 0
   images = jax.ShapeDtypeStruct((1, config.batch_size, 32, 32, 3), np.float32)
   labels = jax.ShapeDtypeStruct((1, config.batch_size), np.int32)
@@ -244,13 +248,13 @@ def test_resnet110_builds_and_steps_abstractly(tmp_path):
                              jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(variables['params']))
   assert num_params == 1_727_962  # He et al.: 1.7M
-  state = jax.eval_shape(lambda v: train.TrainState.create(
-      apply_fn=task.model.apply, params=v['params'], tx=train.create_optimizer(config),
+  state = jax.eval_shape(lambda v: step_lib.TrainState.create(
+      apply_fn=task.model.apply, params=v['params'], tx=config_lib.create_optimizer(config),
       batch_stats=v['batch_stats']), variables)
   replicated = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), state)
   weights = {k: jax.ShapeDtypeStruct((1,), np.float32) for k in ('penalty', 'weight_penalty')}
   rng = jax.ShapeDtypeStruct((1, 2), np.uint32)
-  step = jax.pmap(functools.partial(train.train_step, task), axis_name=train.AXIS)
+  step = jax.pmap(functools.partial(step_lib.train_step, task), axis_name=config_lib.AXIS)
   new_state, metrics = jax.eval_shape(step, replicated, images, labels, weights, rng)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state.params) == jax.tree.map(
       lambda x: (x.shape, x.dtype), replicated.params)
@@ -283,20 +287,20 @@ def test_invalid_config_fails_before_loading_data(field, value, expected_choices
   config = _small_mlp_config(str(tmp_path / 'tfds'), **{field: value})
   workdir = tmp_path / 'run'
   with pytest.raises(ValueError) as error:
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
   message = str(error.value)
   assert repr(value) in message
   for choice in expected_choices:
     assert repr(choice) in message, message
   assert not workdir.exists()
   with pytest.raises(ValueError):  # the same check is public on its own
-    train.validate_config(config)
+    config_lib.validate_config(config)
 
 
 def test_group_of_runs_that_differ_beyond_seed_and_weight_is_rejected(tmp_path):
   data_dir = str(tmp_path / 'tfds')
   with pytest.raises(ValueError, match='differ only in seed and penalty weights'):
-    train.train_group([_small_mlp_config(data_dir), _small_mlp_config(data_dir, **{'model.width': 8})],
+    loop.train_group([_small_mlp_config(data_dir), _small_mlp_config(data_dir, **{'model.width': 8})],
                       [str(tmp_path / 'a'), str(tmp_path / 'b')], str(tmp_path / 'group'))
 
 
@@ -309,7 +313,7 @@ def _no_data(monkeypatch) -> None:
 
 
 # Each field of configs/default.py that has a range, a value out of it (the failure today in brackets:
-# caught by removing that field from train.FIELD_RANGES), and a fragment of the valid range the message gives.
+# caught by removing that field from config_lib.FIELD_RANGES), and a fragment of the valid range the message gives.
 _OUT_OF_RANGE = [
     ('scenario', '', 'non-empty'),
     ('seed', -1, '[0, 2^31 - 1]'),
@@ -351,10 +355,10 @@ _TYPE_ONLY_FIELDS = ('dataset.data_dir', 'dataset.validation', 'dataset.augment'
 
 def test_every_config_field_is_checked():
   from configs import default  # pylint: disable=g-import-not-at-top
-  fields = set(train._flatten(default.get_config().to_dict()))
-  ranged = set(train.FIELD_RANGES) | {'dataset.num_classes'}
+  fields = set(rundir._flatten(default.get_config().to_dict()))
+  ranged = set(config_lib.FIELD_RANGES) | {'dataset.num_classes'}
   assert fields == ranged | set(_CHOICE_FIELDS), fields ^ (ranged | set(_CHOICE_FIELDS))
-  assert set(_TYPE_ONLY_FIELDS) <= set(train.FIELD_RANGES)
+  assert set(_TYPE_ONLY_FIELDS) <= set(config_lib.FIELD_RANGES)
   # Every field with a range beyond its type has an out-of-range case below.
   assert ranged - set(_TYPE_ONLY_FIELDS) <= {f for f, _, _ in _OUT_OF_RANGE}
 
@@ -367,8 +371,8 @@ def test_out_of_range_field_fails_before_loading_data(field, value, valid, tmp_p
     overrides.update({'model.name': 'resnet', 'penalty.layer': 'stage3', 'weight_penalty.layer': 'all'})
   config = _small_mlp_config(str(tmp_path / 'tfds'), **overrides)
   workdir = tmp_path / 'run'
-  with pytest.raises(train.ConfigError) as error:
-    train.train_and_evaluate(config, str(workdir))
+  with pytest.raises(config_lib.ConfigError) as error:
+    loop.train_and_evaluate(config, str(workdir))
   message = str(error.value)
   assert f'config.{field}' in message and valid in message, message
   assert not workdir.exists()
@@ -385,18 +389,18 @@ def test_wrongly_typed_field_fails(field, value, tmp_path):
     target = target[name]
   del target[leaf]
   target[leaf] = value  # a locked config from the command line keeps types; one built in code may not
-  with pytest.raises(train.ConfigError, match=re.escape(f'config.{field}')):
-    train.validate_config(config)
+  with pytest.raises(config_lib.ConfigError, match=re.escape(f'config.{field}')):
+    config_lib.validate_config(config)
 
 
 def test_batch_larger_than_the_loaded_data_fails_before_compiling(tmp_path, monkeypatch):
   def no_compile(*args, **kwargs):
     raise AssertionError('compiled although the batch does not fit the data')
 
-  monkeypatch.setattr(train, 'initial_states', no_compile)
+  monkeypatch.setattr(step_lib, 'initial_states', no_compile)
   config = _small_mlp_config(str(tmp_path / 'tfds'), **{'dataset.train_size': 0})
-  with _mock_tfds(num_train=60, num_test=20), pytest.raises(train.ConfigError) as error:
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  with _mock_tfds(num_train=60, num_test=20), pytest.raises(config_lib.ConfigError) as error:
+    loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 'config.batch_size' in str(error.value) and '60 training examples' in str(error.value)
 
 
@@ -408,43 +412,43 @@ def test_batch_larger_than_the_loaded_data_fails_before_compiling(tmp_path, monk
 def test_rerun_with_another_config_stops_before_training_listing_the_fields(tmp_path, monkeypatch):
   data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
   with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
-    train.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=1), workdir)
+    loop.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=1), workdir)
   before = _read_results(workdir)
-  recorded = json.load(open(os.path.join(workdir, train.CONFIG_FILE)))
+  recorded = json.load(open(os.path.join(workdir, rundir.CONFIG_FILE)))
   assert recorded == {'runs': [_as_json(_small_mlp_config(data_dir, num_epochs=1).to_dict())]}
   _no_data(monkeypatch)
   other = _small_mlp_config(data_dir, **{'optimizer.learning_rate': 1e-3, 'model.width': 50})
-  with pytest.raises(train.ConfigMismatchError) as error:
-    train.train_and_evaluate(other, workdir)
+  with pytest.raises(config_lib.ConfigMismatchError) as error:
+    loop.train_and_evaluate(other, workdir)
   message = str(error.value)
   assert workdir in message
   assert 'model.width: 100 -> 50' in message, message
   assert 'optimizer.learning_rate: 0.0001 -> 0.001' in message, message
   assert 'num_epochs' not in message  # a longer run continues the recorded one
   assert _read_results(workdir) == before and _checkpoint_steps(workdir) == [1]
-  assert json.load(open(os.path.join(workdir, train.CONFIG_FILE))) == recorded
+  assert json.load(open(os.path.join(workdir, rundir.CONFIG_FILE))) == recorded
 
 
 def test_a_workdir_of_before_config_json_is_checked_by_its_results(tmp_path, monkeypatch):
   data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
   with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
-    train.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=1), workdir)
-  os.remove(os.path.join(workdir, train.CONFIG_FILE))
+    loop.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=1), workdir)
+  os.remove(os.path.join(workdir, rundir.CONFIG_FILE))
   _no_data(monkeypatch)
-  with pytest.raises(train.ConfigMismatchError, match='penalty.layer'):
-    train.train_and_evaluate(_small_mlp_config(data_dir, **{'penalty.layer': 'layer3'}), workdir)
+  with pytest.raises(config_lib.ConfigMismatchError, match='penalty.layer'):
+    loop.train_and_evaluate(_small_mlp_config(data_dir, **{'penalty.layer': 'layer3'}), workdir)
 
 
 def test_execution_fields_may_change_and_a_run_may_grow_but_not_shrink(tmp_path):
   data_dir, workdir = str(tmp_path / 'tfds'), str(tmp_path / 'run')
   with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
-    train.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=2), workdir)
+    loop.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=2), workdir)
     # Where the data is, how often to evaluate, how steps are dispatched: the same run resumes.
-    grown = train.train_and_evaluate(_small_mlp_config(
+    grown = loop.train_and_evaluate(_small_mlp_config(
         str(tmp_path / 'elsewhere'), num_epochs=3, eval_every_epochs=1, steps_per_dispatch=10), workdir)
     assert (grown['epochs'], grown['steps']) == (3, 30)
-    with pytest.raises(train.ConfigMismatchError, match='trained for 30 steps, more than the 20'):
-      train.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=2), workdir)
+    with pytest.raises(config_lib.ConfigMismatchError, match='trained for 30 steps, more than the 20'):
+      loop.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=2), workdir)
   assert _read_results(workdir)['steps'] == 30
 
 
@@ -452,23 +456,23 @@ def test_eval_penalty_is_over_training_size_batches(tmp_path):
   """The evaluation's Ω is the mean of Ω over the split's full batches of the TRAINING batch size, whatever
   eval_batch_size is (mutation caught: eval batches of eval_batch_size, as before)."""
   config = _small_mlp_config(str(tmp_path / 'tfds'), batch_size=100)
-  task = train.Task.from_config(config, num_classes=10)
+  task = step_lib.Task.from_config(config, num_classes=10)
   rng = np.random.default_rng(0)
   split = data_lib.Split(rng.uniform(size=(250, 28, 28, 1)).astype(np.float32),
                          (np.arange(250) % 10).astype(np.int32))
-  state = train.initial_states(task, train.create_optimizer(config), split.images, [0])
-  p_state = train.replicate(jax.device_get(state).replace(step=np.asarray(state.step[0])))
-  p_eval = train.device_map(jax.vmap(functools.partial(train.eval_chunk, task),
-                                     in_axes=(train._state_axes(p_state), None, None, None)))
+  state = step_lib.initial_states(task, config_lib.create_optimizer(config), split.images, [0])
+  p_state = devices.replicate(jax.device_get(state).replace(step=np.asarray(state.step[0])))
+  p_eval = devices.device_map(jax.vmap(functools.partial(step_lib.eval_chunk, task),
+                                     in_axes=(loop._state_axes(p_state), None, None, None)))
   variables = {'params': jax.tree.map(lambda x: x[0], state.params)}
   _, inter = task.model.apply(variables, split.images, train=False, mutable=['intermediates'])
   z = inter['intermediates']['layer5'][0]
   # The training step's own penalty function, on the two full batches of 100 (the last 50 do not count).
-  expected = np.mean([train._penalty_value(task, {'layer5': z[i:i + 100]}, split.labels[i:i + 100], None)
+  expected = np.mean([step_lib._penalty_value(task, {'layer5': z[i:i + 100]}, split.labels[i:i + 100], None)
                       for i in (0, 100)])
   for eval_batch_size in (30, 100, 250, 1000):
-    arrays = train.shard(train._eval_layout(split, 100, train.eval_step_size(eval_batch_size, 100), 1))
-    got = train._evaluate(p_eval, p_state, arrays, task)
+    arrays = devices.shard(devices._eval_layout(split, 100, devices.eval_step_size(eval_batch_size, 100), 1))
+    got = loop._evaluate(p_eval, p_state, arrays, task)
     np.testing.assert_allclose(got['penalty'][0], expected, rtol=1e-5, err_msg=str(eval_batch_size))
 
 
@@ -476,8 +480,8 @@ def test_eval_layout_gives_each_device_its_slice_of_every_training_batch():
   split = data_lib.Split(np.arange(1001, dtype=np.float32).reshape(1001, 1, 1, 1),
                          np.arange(1001, dtype=np.int32))
   # eval_batch_size 1001 is no multiple of 4 devices: steps are whole batches of 100, 25 per device.
-  per_step = train.eval_step_size(1001, 100)
-  images, labels, mask = train._eval_layout(split, 100, per_step, 4)
+  per_step = devices.eval_step_size(1001, 100)
+  images, labels, mask = devices._eval_layout(split, 100, per_step, 4)
   assert per_step == 1000 and labels.shape == (4, 2, 10, 25)
   np.testing.assert_array_equal(labels[1, 0, 3], np.arange(325, 350))  # device 1's slice of batch 3
   assert mask.sum() == 1001 and labels[mask > 0].size == 1001
@@ -500,7 +504,11 @@ _PMAP_SCRIPT = textwrap.dedent('''
     import jax
     import numpy as np
     from configs import mnist_mlp, resnet
-    from cwreg import train
+    from cwreg.training import config as config_lib
+    from cwreg.training import step as step_lib
+    from cwreg.training import devices
+    from cwreg.training import rundir
+    from cwreg.training import loop
 
     assert jax.local_device_count() == 4, jax.devices()
     LABELS = np.array(json.loads(sys.argv[1]), np.int32)
@@ -509,17 +517,17 @@ _PMAP_SCRIPT = textwrap.dedent('''
         return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
 
     def compare(name, config, image_shape):
-        task = train.Task.from_config(config, num_classes=10)
+        task = step_lib.Task.from_config(config, num_classes=10)
         rng = np.random.default_rng(0)
         images = rng.uniform(size=(len(LABELS),) + image_shape).astype(np.float32)
         variables = task.model.init(jax.random.PRNGKey(0), images[:1], train=False)
-        state = train.TrainState.create(apply_fn=task.model.apply, params=variables['params'],
-                                        tx=train.create_optimizer(config),
+        state = step_lib.TrainState.create(apply_fn=task.model.apply, params=variables['params'],
+                                        tx=config_lib.create_optimizer(config),
                                         batch_stats=variables.get('batch_stats'))
         key = jax.random.PRNGKey(1)
-        step = functools.partial(train.train_step, task)
-        on4 = jax.pmap(step, axis_name=train.AXIS)
-        on1 = jax.pmap(step, axis_name=train.AXIS, devices=jax.devices()[:1])
+        step = functools.partial(step_lib.train_step, task)
+        on4 = jax.pmap(step, axis_name=config_lib.AXIS)
+        on1 = jax.pmap(step, axis_name=config_lib.AXIS, devices=jax.devices()[:1])
         # λ such that λΩ = 1 at this batch, like the task loss (ln 10): Ω itself can be ~1e-7 (cw-CR), and a
         # wrong penalty gradient must not hide behind the loss's.
         weights = {'penalty': np.float32(1.0), 'weight_penalty': np.float32(config.weight_penalty.weight)}
@@ -651,7 +659,7 @@ def uninterrupted_run(tmp_path_factory) -> tuple[str, dict[str, Any]]:
   root = tmp_path_factory.mktemp('uninterrupted')
   config = _small_mlp_config(str(root / 'tfds'))
   with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
-    results = train.train_and_evaluate(config, str(root / 'run'))
+    results = loop.train_and_evaluate(config, str(root / 'run'))
   return str(root / 'run'), results
 
 
@@ -659,15 +667,15 @@ def uninterrupted_run(tmp_path_factory) -> tuple[str, dict[str, Any]]:
 def _record_epochs(monkeypatch) -> Iterator[list[int]]:
   """Records the epochs a run trains (the trainer draws each epoch's example order once)."""
   epochs = []
-  original = train.epoch_order
+  original = step_lib.epoch_order
 
   def recording(seed, epoch, num_examples):
     epochs.append(epoch)
     return original(seed, epoch, num_examples)
 
-  monkeypatch.setattr(train, 'epoch_order', recording)
+  monkeypatch.setattr(step_lib, 'epoch_order', recording)
   yield epochs
-  monkeypatch.setattr(train, 'epoch_order', original)
+  monkeypatch.setattr(step_lib, 'epoch_order', original)
 
 
 def _assert_same_run(workdir: str, reference_workdir: str) -> None:
@@ -685,11 +693,11 @@ def test_resume_after_first_epoch_equals_uninterrupted_run(uninterrupted_run, tm
   data_dir = str(tmp_path / 'tfds')
   workdir = str(tmp_path / 'run')
   with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
-    first = train.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=1), workdir)
+    first = loop.train_and_evaluate(_small_mlp_config(data_dir, num_epochs=1), workdir)
     assert (first['steps'], first['epochs']) == (10, 1)
     assert _checkpoint_steps(workdir) == [1]
     with _record_epochs(monkeypatch) as epochs:
-      train.train_and_evaluate(_small_mlp_config(data_dir), workdir)
+      loop.train_and_evaluate(_small_mlp_config(data_dir), workdir)
   assert epochs == [1, 2]  # resumed: epoch 0 was not trained again
   assert _checkpoint_steps(workdir) == [2, 3]  # max_to_keep=2
   _assert_same_run(workdir, reference_workdir)
@@ -699,15 +707,19 @@ _KILL_SCRIPT = textwrap.dedent('''
     import sys, time
     sys.path.insert(0, sys.argv[1])
     import test_train as T
-    from cwreg import train
+    from cwreg.training import config as config_lib
+    from cwreg.training import step as step_lib
+    from cwreg.training import devices
+    from cwreg.training import rundir
+    from cwreg.training import loop
 
-    original = train.epoch_order
+    original = step_lib.epoch_order
     def slow_epoch_order(*args):  # a slow epoch, so that the parent can kill the run between checkpoints
         time.sleep(2.0)
         return original(*args)
-    train.epoch_order = slow_epoch_order
+    step_lib.epoch_order = slow_epoch_order
     with T._mock_tfds(T._NUM_TRAIN, T._NUM_TEST):
-        train.train_and_evaluate(T._small_mlp_config(sys.argv[2]), sys.argv[3])
+        loop.train_and_evaluate(T._small_mlp_config(sys.argv[2]), sys.argv[3])
 ''')
 
 
@@ -739,7 +751,7 @@ def test_resume_after_kill_equals_uninterrupted_run(uninterrupted_run, tmp_path,
   assert killed_at < 3 and not os.path.exists(os.path.join(workdir, 'results.json'))
 
   with _mock_tfds(_NUM_TRAIN, _NUM_TEST), _record_epochs(monkeypatch) as epochs:
-    train.train_and_evaluate(_small_mlp_config(data_dir), workdir)
+    loop.train_and_evaluate(_small_mlp_config(data_dir), workdir)
   assert epochs == list(range(killed_at, 3))
   _assert_same_run(workdir, reference_workdir)
 
@@ -761,10 +773,10 @@ def test_nonfinite_loss_raises_or_is_recorded_while_the_group_trains_on(tmp_path
   configs = [_diverging_config(data_dir, 0.1), _diverging_config(data_dir, _HUGE_WEIGHT)]
   workdirs = [str(tmp_path / 'fine'), str(tmp_path / 'diverged')]
   with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
-    with pytest.raises(train.NonFiniteLossError) as error:
-      train.train_and_evaluate(configs[1], str(tmp_path / 'alone'))
-    fine, diverged = train.train_group(configs, workdirs, str(tmp_path / 'group'), on_nonfinite='record')
-    alone = train.train_and_evaluate(configs[0], str(tmp_path / 'fine_alone'))
+    with pytest.raises(loop.NonFiniteLossError) as error:
+      loop.train_and_evaluate(configs[1], str(tmp_path / 'alone'))
+    fine, diverged = loop.train_group(configs, workdirs, str(tmp_path / 'group'), on_nonfinite='record')
+    alone = loop.train_and_evaluate(configs[0], str(tmp_path / 'fine_alone'))
 
   # on_nonfinite='raise' (train_and_evaluate): the message says which run and when.
   message = str(error.value)
@@ -811,7 +823,7 @@ def test_mnist_mlp_learns_on_real_data(real_data_dir, tmp_path):
   config.num_train_steps = 200
   config.eval_every_epochs = 100
   workdir = str(tmp_path / 'run')
-  results = train.train_and_evaluate(config, workdir)
+  results = loop.train_and_evaluate(config, workdir)
 
   train_loss = _scalar_series(workdir, 'train_loss')
   assert sorted(train_loss) == list(range(20, 201, 20))
@@ -830,7 +842,7 @@ def test_cifar_cnn_beats_chance_on_real_test_images(real_data_dir, tmp_path):
   config.optimizer.learning_rate = 1e-3  # brief training: 10x the paper's Adam rate
   config.num_train_steps = 60
   config.eval_every_epochs = 100
-  results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  results = loop.train_and_evaluate(config, str(tmp_path / 'run'))
   assert results['status'] == 'finished' and results['steps'] == 60
   assert results['error'] < 80.0, results  # chance is 90 % on the 10 CIFAR-10 classes
 
@@ -848,8 +860,8 @@ def test_group_equals_separate_runs(uninterrupted_run, tmp_path):
              _small_mlp_config(data_dir, **{'penalty.weight': 10 * base.penalty.weight}),
              _small_mlp_config(data_dir, seed=1)]
   with _mock_tfds(_NUM_TRAIN, _NUM_TEST):
-    grouped = train.train_group(configs, [str(tmp_path / f'g{i}') for i in range(3)], str(tmp_path / 'group'))
-    separate = [reference] + [train.train_and_evaluate(c, str(tmp_path / f's{i}'))
+    grouped = loop.train_group(configs, [str(tmp_path / f'g{i}') for i in range(3)], str(tmp_path / 'group'))
+    separate = [reference] + [loop.train_and_evaluate(c, str(tmp_path / f's{i}'))
                               for i, c in enumerate(configs) if i > 0]
   for g, s, c in zip(grouped, separate, configs):
     assert (g['weight'], g['seed'], g['steps'], g['status']) == (c.penalty.weight, c.seed, 30, 'finished')

@@ -9,7 +9,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from cwreg import data
+from cwreg.training import data
 
 
 def dead_fraction(images: jax.Array, init, seeds: int, width: int, depth: int = 5) -> float:

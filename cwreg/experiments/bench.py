@@ -193,16 +193,19 @@ TRAIN_MODELS = {
 def _chunk_runner(config, input_shape: tuple[int, ...], steps: int, num_examples: int = 2000, seed: int = 0):
     """A compiled `steps`-step train chunk on random data (one run, mapped as the trainer maps it)."""
     import functools
-    from cwreg import train
-    task = train.Task.from_config(config, 10)
+    from cwreg.training import config as config_lib
+    from cwreg.training import step as step_lib
+    from cwreg.training import devices
+    task = step_lib.Task.from_config(config, 10)
     rng = np.random.default_rng(seed)
     images = rng.random((num_examples,) + input_shape, dtype=np.float32)
     labels = rng.integers(0, 10, num_examples).astype(np.int32)
-    state = train.initial_state(task, train.create_optimizer(config), images, seed)
+    state = step_lib.initial_state(task, config_lib.create_optimizer(config), images, seed)
     order = np.concatenate([rng.permutation(num_examples) for _ in range(
         -(-steps * config.batch_size // num_examples))]).astype(np.int32)
-    weights = {'penalty': np.float32(config.penalty.weight), 'weight_penalty': np.float32(0.0)}
-    step_fn = train.device_map(functools.partial(train.train_chunk, task, steps, config.batch_size))
+    weights = {'penalty': np.float32(config.penalty.weight), 'weight_penalty': np.float32(0.0),
+               'dropout': np.float32(config.model.dropout)}
+    step_fn = devices.device_map(functools.partial(step_lib.train_chunk, task, steps, config.batch_size))
     put = lambda x: jax.device_put(np.asarray(x)[None], jax.local_devices()[0])
     args = [put(images), put(labels), put(order), put(np.int32(0)), jax.tree.map(put, weights),
             put(np.asarray(jax.random.PRNGKey(seed)))]
@@ -216,13 +219,14 @@ def _chunk_runner(config, input_shape: tuple[int, ...], steps: int, num_examples
 
 def _representation_width(config, input_shape: tuple[int, ...], layer: str) -> int:
     """I: the number of units of `layer` (H·W·C for a feature map)."""
-    from cwreg import train
-    task = train.Task.from_config(config, 10)
+    from cwreg.training import step as step_lib
+    task = step_lib.Task.from_config(config, 10)
     images = jax.ShapeDtypeStruct((config.batch_size,) + input_shape, jnp.float32)
     variables = jax.eval_shape(lambda x: task.model.init(jax.random.PRNGKey(0), x, train=False), images)
-    forward = train._forward  # pylint: disable=protected-access
+    forward = step_lib._forward  # pylint: disable=protected-access
+    # Evaluation mode: the same shapes, without the mapped axis batch norm syncs over or a dropout key.
     intermediates = jax.eval_shape(
-        lambda v, x: forward(task, v['params'], v.get('batch_stats'), x, True)[1], variables, images)
+        lambda v, x: forward(task, v['params'], v.get('batch_stats'), x, False)[1], variables, images)
     return int(np.prod(intermediates[layer].shape[1:]))
 
 
@@ -313,16 +317,16 @@ def epoch_rows(config, repeats: int = 3) -> list[dict]:
     """
     import tempfile
     import ml_collections
-    from cwreg import train
+    from cwreg.training import loop
     rows = []
     for checkpoint in (True, False):
         c = ml_collections.ConfigDict(config.to_dict())
         c.checkpoint = checkpoint
         results = []
         for _ in range(repeats):
-            train._load_data.cache_clear()  # pylint: disable=protected-access
+            loop._load_data.cache_clear()  # pylint: disable=protected-access
             with tempfile.TemporaryDirectory() as workdir:
-                results.append(train.train_and_evaluate(c, workdir))
+                results.append(loop.train_and_evaluate(c, workdir))
         loop = [r['train_loop_s'] for r in results]
         total = [r['wall_time_s'] for r in results]
         result = results[0]
@@ -343,7 +347,7 @@ def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict
     """
     import tempfile
     import ml_collections
-    from cwreg import train
+    from cwreg.training import loop
 
     def loop_seconds(size: int, num_epochs: int) -> tuple[float, int]:
         configs = []
@@ -353,7 +357,7 @@ def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict
             c.eval_every_epochs = num_epochs
             configs.append(c)
         with tempfile.TemporaryDirectory() as root:
-            results = train.train_group(configs, [f'{root}/run{r}' for r in range(size)], f'{root}/group',
+            results = loop.train_group(configs, [f'{root}/run{r}' for r in range(size)], f'{root}/group',
                                         on_nonfinite='record')
         return results[0]['train_loop_s'], results[0]['steps']
 

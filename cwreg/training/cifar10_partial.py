@@ -4,7 +4,7 @@ The full CIFAR-10 (Krizhevsky, 2009) ships as five 10,000-image training batches
 batch in the original python-pickle format (`cifar-10-batches-py/`). Offline machines sometimes
 hold only some of them (here: `data_batch_1` and `test_batch`). This builder turns the batches
 present in the manual directory into a normal TFDS dataset, so the ordinary loading code
-(`cwreg.data.load_dataset('cifar10_partial')`) runs on them. It is deliberately *not* called
+(`cwreg.training.data.load_dataset('cifar10_partial')`) runs on them. It is deliberately *not* called
 `cifar10`: results on it are not CIFAR-10 results.
 
 Layout of the prepared dataset:
@@ -22,7 +22,7 @@ Prepare it with
 `python launch/prepare_data.py --dataset=cifar10_partial --source_dir=DIR --data_dir=DATA_DIR`
 where `DIR` holds the `data_batch_*` / `test_batch` files (or their `cifar-10-batches-py/` parent).
 
-Importing this module registers the builder with TFDS (`cwreg.data` does that).
+Importing this module registers the builder with TFDS (`cwreg.training.data` does that).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ For each regularizer (baseline, L1W, L2W, dropout, batch norm, CR, cw-CR, VR, cw
    with each of S selection seeds on the training split minus its last 10,000 examples, and evaluate on
    those 10,000 (the validation split);
 2. pick the λ with the lowest validation error averaged over the S seeds (MSE for the autoencoder; ties go
-   to the smaller λ, the rule of :func:`cwreg.report.select_weight`, which the report uses to display it);
+   to the smaller λ, the rule of :func:`cwreg.experiments.report.select_weight`, which the report uses to display it);
 3. *final*: train the F final seeds with that λ on the full training split and evaluate on the test split.
 
 The baseline and batch norm have no λ: they have final runs only. :data:`PAPER` (S = 1, F = 5) is the
@@ -17,7 +17,7 @@ images) and the same for every regularizer, so that comparisons between regulari
 Layout: ``<sweep_dir>/<regularizer>/select_w<λ>_s<seed>/`` and ``<sweep_dir>/<regularizer>/final_s<seed>/``,
 each with its own ``results.json`` (and, for final runs, ``stats.json``: the Table 5 statistics of the
 regularized layer on the test set). Runs of one phase of one regularizer differ only in λ or seed, so they
-are trained together as one vmapped program (:func:`cwreg.train.train_group`), checkpointed every epoch in a
+are trained together as one vmapped program (:func:`cwreg.training.loop.train_group`), checkpointed every epoch in a
 group directory: a killed sweep, re-run with the same arguments, skips finished runs and resumes unfinished
 groups.
 """
@@ -39,17 +39,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cwreg import data as data_lib
-from cwreg import report
-from cwreg import stats as stats_lib
-from cwreg import train
+from cwreg.training import data as data_lib
+from cwreg.experiments import report
+from cwreg.experiments import stats as stats_lib
+from cwreg.training import config as config_lib
+from cwreg.training import rundir
+from cwreg.training import loop
+from cwreg import names
 
-REGULARIZERS = train.REGULARIZERS
-WEIGHT_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
-#: Dropout's rate takes λ's place: the usual range (Srivastava et al. 2014 use 0.5 for hidden layers).
-DROPOUT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5)
-#: Regularizers without a λ: their final seeds are trained directly.
-UNSEARCHED = ('baseline', 'batchnorm')
 DONE = ('finished', 'diverged')
 VARIABLES_FILE = 'final_variables.msgpack'
 
@@ -58,7 +55,7 @@ def run_config(base: ml_collections.ConfigDict, regularizer: str, weight: float,
                validation: bool) -> ml_collections.ConfigDict:
     """`base` (a scenario's baseline config) with one regularizer at weight λ, a seed and a data split."""
     config = ml_collections.ConfigDict(base.to_dict())
-    train.set_regularizer(config, regularizer, weight)
+    names.set_regularizer(config, regularizer, weight)
     config.seed = seed
     config.dataset.validation = validation
     config.lock()
@@ -90,10 +87,10 @@ PAPER = Protocol.of(1, 5)
 POWERED = Protocol.of(3, 10)
 
 
-def search_grid(regularizer: str, grid: Sequence[float] = WEIGHT_GRID,
-                dropout_grid: Sequence[float] = DROPOUT_GRID) -> tuple[float, ...]:
+def search_grid(regularizer: str, grid: Sequence[float] = names.WEIGHT_GRID,
+                dropout_grid: Sequence[float] = names.DROPOUT_GRID) -> tuple[float, ...]:
     """The λ values the select phase tries for `regularizer` (none for the baseline and batch norm)."""
-    if regularizer in UNSEARCHED:
+    if regularizer in names.UNSEARCHED:
         return ()
     return tuple(dropout_grid if regularizer == 'dropout' else grid)
 
@@ -104,8 +101,8 @@ def run_dir(sweep_dir: str, regularizer: str, phase: str, weight: float = 0.0, s
 
 
 def _identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What a run is: every field that decides what it trains (`train.training_config`)."""
-    return train.training_config(config)
+    """What a run is: every field that decides what it trains (`rundir.training_config`)."""
+    return rundir.training_config(config)
 
 
 def _read_results(workdir: str) -> Optional[dict[str, Any]]:
@@ -126,7 +123,7 @@ def _read_results(workdir: str) -> Optional[dict[str, Any]]:
 
 
 def _is_of(result: dict[str, Any], config: ml_collections.ConfigDict) -> bool:
-    return isinstance(result.get('config'), dict) and not train.config_differences(result['config'], config)
+    return isinstance(result.get('config'), dict) and not rundir.config_differences(result['config'], config)
 
 
 def status(workdir: str, config: Optional[ml_collections.ConfigDict] = None) -> Optional[str]:
@@ -181,11 +178,11 @@ def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], group_
     for start in range(0, len(todo), max_group):
         group = todo[start:start + max_group]
         # The group directory is named after its runs, so a resumed sweep finds its own checkpoints.
-        names = '|'.join(f'{w}:{json.dumps(_identity(c), sort_keys=True)}' for c, w in group)
-        key = hashlib.sha1(names.encode()).hexdigest()[:10]
+        identities = '|'.join(f'{w}:{json.dumps(_identity(c), sort_keys=True)}' for c, w in group)
+        key = hashlib.sha1(identities.encode()).hexdigest()[:10]
         t0 = time.time()
         group_dir = os.path.join(group_root, f'group_{key}')
-        train.train_group([c for c, _ in group], [w for _, w in group], group_dir, on_nonfinite='record',
+        loop.train_group([c for c, _ in group], [w for _, w in group], group_dir, on_nonfinite='record',
                           save_variables=True)
         # Every run of the group has its results and final variables now: its checkpoints are dead weight.
         shutil.rmtree(os.path.join(group_dir, 'checkpoints'), ignore_errors=True)
@@ -201,7 +198,7 @@ def chosen_weight(sweep_dir: str, regularizer: str, base: Optional[ml_collection
     is ignored. With `seeds` (a protocol's selection seeds), only those seeds count, and only a λ finished
     for all of them competes: a λ at which a seed diverged is not chosen. Without them, every run does.
     """
-    if regularizer in UNSEARCHED:
+    if regularizer in names.UNSEARCHED:
         return 0.0
     runs = [run for run in report.load_runs([os.path.join(sweep_dir, regularizer)]).runs
             if run.phase == 'select' and (seeds is None or run.seed in seeds)]
@@ -218,15 +215,15 @@ def chosen_weight(sweep_dir: str, regularizer: str, base: Optional[ml_collection
 
 
 def run_sweep(base: ml_collections.ConfigDict, sweep_dir: str,
-              regularizers: Sequence[str] = REGULARIZERS, grid: Sequence[float] = WEIGHT_GRID,
+              regularizers: Sequence[str] = names.REGULARIZERS, grid: Sequence[float] = names.WEIGHT_GRID,
               protocol: Protocol = POWERED, max_group: int = 6, statistics: bool = True,
-              dropout_grid: Sequence[float] = DROPOUT_GRID) -> dict[str, Optional[float]]:
+              dropout_grid: Sequence[float] = names.DROPOUT_GRID) -> dict[str, Optional[float]]:
     """Runs (or resumes) the protocol above for `base`'s scenario; returns the chosen λ per regularizer."""
     for name in regularizers:
-        if name not in REGULARIZERS:
-            raise ValueError(f'Unknown regularizer {name!r}; valid: {list(REGULARIZERS)}.')
+        if name not in names.REGULARIZERS:
+            raise ValueError(f'Unknown regularizer {name!r}; valid: {list(names.REGULARIZERS)}.')
     for name in regularizers:  # e.g. dropout for the autoencoder: fail before anything trains
-        train.validate_config(run_config(base, name, (search_grid(name, grid, dropout_grid) or (0.0,))[0],
+        config_lib.validate_config(run_config(base, name, (search_grid(name, grid, dropout_grid) or (0.0,))[0],
                                          protocol.final_seeds[0], validation=False))
     sweep_dir = os.path.abspath(sweep_dir)
     grids = {r: search_grid(r, grid, dropout_grid) for r in regularizers}
@@ -270,7 +267,7 @@ def representations(config: ml_collections.ConfigDict, variables: Optional[dict[
 
     `variables=None` uses the model at initialization (seed `config.seed`).
     """
-    model = train.model_from_config(config, num_classes)
+    model = config_lib.model_from_config(config, num_classes)
     if variables is None:
         variables = model.init(jax.random.PRNGKey(config.seed), jnp.asarray(images[:1]), train=False)
 
@@ -290,7 +287,7 @@ def write_statistics(workdir: str, dataset: Optional[data_lib.Dataset] = None) -
     with open(os.path.join(workdir, 'results.json')) as f:
         config = ml_collections.ConfigDict(json.load(f)['config'])
     if dataset is None:
-        dataset = train.load_data(config)
+        dataset = loop.load_data(config)
     layer = config.penalty.layer
     reps = representations(config, load_variables(workdir), dataset.eval.images, [layer], dataset.num_classes)
     values = stats_lib.representation_statistics(reps[layer], dataset.eval.labels)

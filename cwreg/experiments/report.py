@@ -7,11 +7,11 @@ Input: sweep directories holding one ``results.json`` per training run (any dept
    "phase": "select" | "final", "eval_split": "validation" | "test", "error": 2.42, "loss": 0.08,
    "status": "finished", ...}
 
-plus optionally a ``stats.json`` (`cwreg.stats.representation_statistics`) next to a final run's
+plus optionally a ``stats.json`` (`cwreg.experiments.stats.representation_statistics`) next to a final run's
 ``results.json`` for Table 5. Runs whose ``status`` is not ``"finished"`` (in progress, ``"diverged"``, …)
 are treated as missing: they never enter a mean, but their status is shown (``n=3, 2 diverged`` in a cell,
 ``diverged`` in the λ-search table). Unreadable files are skipped and listed (relative to their sweep).
-The same runs can come from records files instead (`cwreg.records`: one JSONL line per run); both sources go
+The same runs can come from records files instead (`cwreg.experiments.records`: one JSONL line per run); both sources go
 through `normalize_result` and `run_of_record`, and the markdown shows only what the runs record (no paths,
 no clock), so a report from records equals the one from the sweep directories.
 
@@ -45,28 +45,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 from scipy import stats as scipy_stats
 
-from cwreg import stats as stats_lib
-
-# Paper order (Tables 2-10) with the dropout and batch-norm comparisons after L2W, then L1R, which the paper
-# discusses but never tabulates.
-REGULARIZER_ORDER: tuple[str, ...] = ('baseline', 'l1w', 'l2w', 'dropout', 'batchnorm', 'cr', 'cw_cr', 'vr',
-                                      'cw_vr', 'l1r')
-
-DISPLAY_NAMES: dict[str, str] = {
-    'baseline': 'Baseline',
-    'l1w': 'L1W',
-    'l2w': 'L2W',
-    'dropout': 'Dropout',
-    'batchnorm': 'Batch norm',
-    'cr': 'CR (DeCov)',
-    'cw_cr': 'cw-CR',
-    'vr': 'VR',
-    'cw_vr': 'cw-VR',
-    'l1r': 'L1R',
-}
+from cwreg import names
+from cwreg.experiments import stats as stats_lib
+from cwreg.names import DISPLAY_NAMES
 
 # Regularizers without a λ: only final runs, no λ note in their cells. (Dropout's λ is its rate.)
-NO_LAMBDA: frozenset[str] = frozenset({'baseline', 'batchnorm'})
+NO_LAMBDA: frozenset[str] = frozenset(names.UNSEARCHED)
 
 # The training length of each scenario family's protocol, the one place it is stated: (unit, length, whose).
 # A table or figure of shorter runs says so in its title. MNIST: "50 epochs" (paper, Figure 2's text); the
@@ -83,9 +67,6 @@ PROTOCOL: dict[str, tuple[str, int, str]] = {
 # The paper reports mean ± std over this many runs where it does not say otherwise.
 PAPER_RUNS = 5
 SIGNIFICANCE = 0.05
-
-# The paper's λ grid (Section A.1); other λ found in the results are shown too.
-LAMBDA_GRID: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 
 PAPER_RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paper_results.json')
 
@@ -183,7 +164,7 @@ RECORD_FIELDS: tuple[str, ...] = (
 def normalize_result(raw: Mapping[str, Any], stats: Optional[dict[str, float]] = None) -> dict[str, Any]:
   """The flat record (`RECORD_FIELDS`) of one ``results.json``: what the report and the records file keep.
 
-  Both `load_runs` and `cwreg.records` go through this one function, so a report built from records equals
+  Both `load_runs` and `cwreg.experiments.records` go through this one function, so a report built from records equals
   the one built from the sweep directories. ``epochs`` falls back to ``config.num_epochs``; ``commit`` is
   ``provenance.git_commit``; non-finite numbers become null (the report treats them as missing anyway).
 
@@ -314,7 +295,7 @@ def load_runs(sweep_dirs: Sequence[str]) -> LoadedRuns:
 
 
 def load_paper_results(path: str = PAPER_RESULTS_PATH) -> dict[str, Any]:
-  """The paper's transcribed numbers (`cwreg/paper_results.json`)."""
+  """The paper's transcribed numbers (`cwreg/experiments/paper_results.json`)."""
   with open(path) as f:
     return json.load(f)
 
@@ -480,8 +461,9 @@ TABLES: tuple[TableSpec, ...] = (
 
 def _ordered(regs: Iterable[str]) -> list[str]:
   regs = set(regs)
-  known = [r for r in REGULARIZER_ORDER if r in regs]
-  return known + sorted(regs - set(REGULARIZER_ORDER))
+  # Paper order (cwreg.names.REGULARIZERS), then any other regularizer found.
+  known = [r for r in names.REGULARIZERS if r in regs]
+  return known + sorted(regs - set(names.REGULARIZERS))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1024,7 +1006,7 @@ def render(loaded: LoadedRuns, paper: Optional[Mapping[str, Any]] = None,
   """The whole markdown report of ``loaded``; derived from the runs' fields only (no paths, no clock).
 
   Args:
-    loaded: runs from `load_runs` or `cwreg.records.load_records`.
+    loaded: runs from `load_runs` or `cwreg.experiments.records.load_records`.
     paper: the paper's numbers (default `load_paper_results`).
     tables: keys of `TABLES` to include ('other': scenarios outside them); None: all.
   """
@@ -1065,7 +1047,8 @@ def render_report(sweep_dirs: Sequence[str], loaded: LoadedRuns,
 
 def render_lambda_search(by_reg: Mapping[str, Cell], metric: str) -> list[str]:
   """Validation metric of every regularizer × λ of one scenario; bold = the chosen λ."""
-  weights = sorted(set(LAMBDA_GRID) | {w for c in by_reg.values() for w in c.select})
+  # The paper's λ grid; other λ found in the results are shown too.
+  weights = sorted(set(names.WEIGHT_GRID) | {w for c in by_reg.values() for w in c.select})
   rows = []
   for reg in _ordered(by_reg):
     cell = by_reg[reg]

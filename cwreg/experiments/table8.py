@@ -2,18 +2,18 @@
 
 Full CIFAR-10 is not available offline, and what travels to a lent accelerator is limited (64 MiB with the
 code). The paper's 1k / 5k columns only need the *first* 1k / 5k CIFAR-10 training images, which are in
-``data_batch_1`` (the ``cifar10_partial`` dataset of :mod:`cwreg.cifar10_partial`). This module
+``data_batch_1`` (the ``cifar10_partial`` dataset of :mod:`cwreg.training.cifar10_partial`). This module
 
 1. :func:`prepare_subset`: prepares that dataset inside the checkout (default ``data/table8``, ignored by git:
    ``/data/``), from the original batches in ``../shared/data/cifar10-partial``, with
-   :func:`cwreg.prepare.prepare_dataset`; a prepared folder is reused (no source needed then), so the folder
+   :func:`cwreg.training.prepare.prepare_dataset`; a prepared folder is reused (no source needed then), so the folder
    alone can be carried to the accelerator;
 2. :func:`stage`: copies it into the work directory (training writes a decoded-array cache next to the TFDS
    files, 61 MB, which must not grow the carried folder);
-3. :func:`run_columns`: runs :func:`cwreg.sweep.run_sweep` (λ search on a validation hold-out, then the final
+3. :func:`run_columns`: runs :func:`cwreg.experiments.sweep.run_sweep` (λ search on a validation hold-out, then the final
    seeds with the chosen λ; runs differing in λ or seed trained as one vmapped group; resumable) for
    ``configs/cifar10_cnn.py`` scenarios ``size1k`` and ``size5k``;
-4. :func:`write_tables`: writes the two Table 8 columns (``cwreg.report``'s renderer, paper numbers beside
+4. :func:`write_tables`: writes the two Table 8 columns (``cwreg.experiments.report``'s renderer, paper numbers beside
    ours), the λ searches and one JSON line per run into an output folder (never ``docs/results`` by default).
 
 **Validation hold-out (the one departure from the paper's protocol).** The paper picks λ on the last 10,000
@@ -21,7 +21,7 @@ of CIFAR-10's 50,000 training images (40,000-49,999), which are not in the subse
 training images 5,000-9,999 of ``data_batch_1``: 5,000 images, disjoint from both columns' training images
 and from the test set. The training images (the first 1k / 5k) and the test set (all 10,000) are the
 paper's. That is why the whole ``data_batch_1`` is prepared (10k training images + 10k test images,
-46.6 MB as TFDS files), not only its first 5k. :mod:`cwreg.data` holds out a fixed
+46.6 MB as TFDS files), not only its first 5k. :mod:`cwreg.training.data` holds out a fixed
 ``VALIDATION_SIZE`` (10,000); :func:`validation_holdout` sets it to 5,000 while this module trains, and
 :func:`check_holdout` verifies the split before any training.
 
@@ -42,14 +42,16 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
-from cwreg import data as data_lib
-from cwreg import report
-from cwreg import sweep
-from cwreg import train
+from cwreg.training import data as data_lib
+from cwreg.experiments import report
+from cwreg.experiments import sweep
+from cwreg import names
+from cwreg.training import config as config_lib
+from cwreg.training import loop
 
 DATASET = 'cifar10_partial'
 SCENARIOS: tuple[str, ...] = ('size1k', 'size5k')
-REGULARIZERS: tuple[str, ...] = ('baseline', 'l1w', 'l2w', 'cr', 'cw_cr', 'vr', 'cw_vr', 'l1r')
+REGULARIZERS: tuple[str, ...] = names.SWEEP_REGULARIZERS
 MARKER = 'table8_subset.json'  # in a prepared data dir: which subset it holds
 SCALE_FILE = 'table8_scale.json'  # in a work dir: the scale its runs are of
 TABLES_FILE = 'table8.md'
@@ -84,7 +86,7 @@ class Scale:
 # statistics=False: Table 8 needs none, and run_sweep recomputes them on every call (a compiled forward per
 # final run: minutes of accelerator time for 80 runs).
 FULL = Scale('full', num_train=10_000, num_test=10_000, holdout=5_000,
-             train_sizes=(('size1k', 1_000), ('size5k', 5_000)), weights=sweep.WEIGHT_GRID,
+             train_sizes=(('size1k', 1_000), ('size5k', 5_000)), weights=names.WEIGHT_GRID,
              protocol=sweep.PAPER, statistics=False)
 # 2 λ, 1 selection and 2 final seeds: select and final groups have the same shapes, so one compiled program
 # serves both (with the persistent compilation cache the launch script turns on); compiling dominates a toy run.
@@ -137,8 +139,8 @@ def _prepare_first_examples(source_dir: str, data_dir: str, num_train: int, num_
     """A `cifar10_partial` holding only the first examples of each split (the toy scale)."""
     import itertools  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from cwreg import cifar10_partial  # pylint: disable=g-import-not-at-top
-    from cwreg import prepare  # pylint: disable=g-import-not-at-top
+    from cwreg.training import cifar10_partial  # pylint: disable=g-import-not-at-top
+    from cwreg.training import prepare  # pylint: disable=g-import-not-at-top
 
     limits = {'train': num_train, 'test': num_test}
 
@@ -162,7 +164,7 @@ def prepare_subset(data_dir: str = DEFAULT_DATA_DIR, source_dir: str = DEFAULT_S
                    scale: Scale = FULL) -> dict[str, Any]:
     """Prepares (or finds prepared) the scale's subset in `data_dir`; returns where, its size and whether new.
 
-    The full scale is :func:`cwreg.prepare.prepare_dataset`'s `cifar10_partial` of `data_batch_1` + the test
+    The full scale is :func:`cwreg.training.prepare.prepare_dataset`'s `cifar10_partial` of `data_batch_1` + the test
     batch. A data dir already holding the subset is reused without reading `source_dir` (which may then be
     absent, as on an accelerator machine); one holding another subset raises.
     """
@@ -183,9 +185,9 @@ def prepare_subset(data_dir: str = DEFAULT_DATA_DIR, source_dir: str = DEFAULT_S
                 'carry the folder.')
         if os.path.exists(os.path.join(data_dir, DATASET)):
             raise ValueError(f'{data_dir} holds a {DATASET} dataset without {MARKER} (not prepared by '
-                             'cwreg.table8): use another data dir, or delete it.')
+                             'cwreg.experiments.table8): use another data dir, or delete it.')
         if scale.num_train == FULL.num_train and scale.num_test == FULL.num_test:
-            from cwreg import prepare  # pylint: disable=g-import-not-at-top
+            from cwreg.training import prepare  # pylint: disable=g-import-not-at-top
             prepare.prepare_dataset(DATASET, source_dir=source_dir, data_dir=data_dir)
         else:
             _prepare_first_examples(source_dir, data_dir, scale.num_train, scale.num_test)
@@ -220,8 +222,8 @@ def stage(data_dir: str, work_dir: str) -> str:
 
 @contextlib.contextmanager
 def validation_holdout(size: int):
-    """While active, `validation=True` holds out the last `size` training examples (cwreg.data: 10,000)."""
-    clear = getattr(getattr(train, '_load_data', None), 'cache_clear', lambda: None)
+    """While active, `validation=True` holds out the last `size` training examples (cwreg.training.data: 10,000)."""
+    clear = getattr(getattr(loop, '_load_data', None), 'cache_clear', lambda: None)
     previous = data_lib.VALIDATION_SIZE
     clear()
     data_lib.VALIDATION_SIZE = size
@@ -239,7 +241,7 @@ def check_holdout(data_dir: str, scale: Scale) -> None:
     got = (ds.train.num_examples, ds.eval.num_examples)
     if got != want:
         raise RuntimeError(f'Validation split of {data_dir}: {got[0]} train / {got[1]} validation examples, '
-                           f'expected {want}; cwreg.data no longer reads VALIDATION_SIZE as this module assumes.')
+                           f'expected {want}; cwreg.training.data no longer reads VALIDATION_SIZE as this module assumes.')
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -260,7 +262,7 @@ def base_config(scenario: str, data_dir: str, scale: Scale = FULL) -> ml_collect
         for name in parents:
             node = node[name]
         node[leaf] = value
-    train.validate_config(config)
+    config_lib.validate_config(config)
     return config
 
 

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 import numpy as np
 import numpy.typing as npt
 
-from cwreg.report import DISPLAY_NAMES
+from cwreg.names import DISPLAY_NAMES
 
 # Fixed colour per regularizer so that every figure agrees.
 REGULARIZER_COLORS: dict[str, str] = {

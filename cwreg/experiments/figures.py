@@ -18,13 +18,12 @@ from typing import Mapping, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from cwreg import plots
-from cwreg import report
-from cwreg import sweep
-from cwreg import train
+from cwreg.experiments import plots
+from cwreg.experiments import report
+from cwreg.experiments import sweep
+from cwreg.names import DISPLAY_NAMES
+from cwreg.training import loop
 
-DISPLAY = {'baseline': 'Baseline', 'l1w': 'L1W', 'l2w': 'L2W', 'cr': 'CR', 'cw_cr': 'cw-CR', 'vr': 'VR',
-           'cw_vr': 'cw-VR', 'l1r': 'L1R'}
 
 
 def _config_of(workdir: str) -> ml_collections.ConfigDict:
@@ -49,7 +48,7 @@ def representation_figures(sweep_dir: str, out_dir: str,
     """Writes Figure 1 (baseline at init, baseline, cw-CR) and Figure 2 (all) as PNGs; returns their paths."""
     baseline_dir = sweep.run_dir(sweep_dir, 'baseline', 'final', seed=seed)
     config = _config_of(baseline_dir)
-    dataset = train.load_data(config)
+    dataset = loop.load_data(config)
     layer = config.penalty.layer
     layers = [layer, f'{layer}_preact']
 
@@ -63,8 +62,8 @@ def representation_figures(sweep_dir: str, out_dir: str,
     for name in regularizers:
         workdir = sweep.run_dir(sweep_dir, name, 'final', seed=seed)
         if sweep.status(workdir) == 'finished':
-            columns[DISPLAY[name]] = reps(workdir)
-            trained[DISPLAY[name]] = workdir
+            columns[DISPLAY_NAMES[name]] = reps(workdir)
+            trained[DISPLAY_NAMES[name]] = workdir
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     figure1 = {k: v for k, v in columns.items() if k in ('Baseline (init)', 'Baseline (trained)', 'cw-CR')}

@@ -2,7 +2,7 @@
 
 TFDS normally downloads the original archives and converts them ("prepares" them) into its own
 record files under `data_dir`. Our machines are offline, so `prepare_dataset` does the
-conversion from files that are already on disk; afterwards `cwreg.data.load_dataset` reads the
+conversion from files that are already on disk; afterwards `cwreg.training.data.load_dataset` reads the
 prepared dataset exactly as if TFDS had downloaded it.
 
 | dataset | `source_dir` holds | how |
@@ -11,7 +11,7 @@ prepared dataset exactly as if TFDS had downloaded it.
 | `fashion_mnist` | the 4 IDX files (`.gz` or not) | as `mnist` if byte-identical to the originals, else a local builder reading them (e.g. Debian's re-gzipped copies) |
 | `cifar10` | `cifar-10-binary.tar.gz`, or the python batches (`cifar-10-batches-py/`) | TFDS's builder on the tarball, else a local builder on the batches |
 | `cifar100` | `cifar-100-binary.tar.gz`, or `cifar-100-python/` (`train`, `test`, `meta`) | same |
-| `cifar10_partial` | any of `data_batch_1..5` plus `test_batch` | `cwreg.cifar10_partial` builder |
+| `cifar10_partial` | any of `data_batch_1..5` plus `test_batch` | `cwreg.training.cifar10_partial` builder |
 
 Every route writes the same dataset name, version, features and example order as TFDS's own
 preparation, so a dataset prepared here and one TFDS downloaded are interchangeable.
@@ -34,7 +34,7 @@ from tensorflow_datasets.core.download import resource as tfds_resource
 from tensorflow_datasets.image_classification import cifar as tfds_cifar
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
-from cwreg import cifar10_partial
+from cwreg.training import cifar10_partial
 
 PREPARABLE: tuple[str, ...] = ('mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'cifar10_partial')
 
@@ -45,7 +45,7 @@ MNIST_FILES: dict[str, str] = {
     'test_labels': 't10k-labels-idx1-ubyte.gz',
 }
 
-# What `source_dir` must hold, per dataset (used in error messages here and in cwreg.data).
+# What `source_dir` must hold, per dataset (used in error messages here and in cwreg.training.data).
 SOURCE_DESCRIPTIONS: dict[str, str] = {
     'mnist': 'the four original MNIST IDX files ' + ', '.join(MNIST_FILES.values()),
     'fashion_mnist': (

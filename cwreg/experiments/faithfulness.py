@@ -1,8 +1,8 @@
 """Does training as TF 1.x did change the MNIST results? Two variants of the same runs, side by side.
 
 Issue #12 asks whether the paper's TF 1.5 defaults, which differ from Flax's and optax's (Glorot-uniform
-instead of LeCun-normal kernels; Adam's ε added before the bias correction, `cwreg.optim`), move the baseline
-or the gains. Input: the records (`cwreg.records`) of one small sweep per variant with the same regularizers,
+instead of LeCun-normal kernels; Adam's ε added before the bias correction, `cwreg.training.optim`), move the baseline
+or the gains. Input: the records (`cwreg.experiments.records`) of one small sweep per variant with the same regularizers,
 λ and final seeds. Output: a markdown table with, per regularizer, each variant's final test error, their
 difference (Welch's t; the variants share seeds, hence data order, but not initial weights), each variant's
 paired gain over its own baseline, and the difference of the gains (SEs added, Welch–Satterthwaite dof).
@@ -17,8 +17,9 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from scipy import stats as scipy_stats
 
-from cwreg import records
-from cwreg import report
+from cwreg.experiments import records
+from cwreg.experiments import report
+from cwreg.names import DISPLAY_NAMES, REGULARIZERS
 
 
 def final_errors(records_path: str) -> dict[str, dict[int, float]]:
@@ -75,11 +76,11 @@ def render(names: Sequence[str], paths: Sequence[str]) -> str:
     header = ['Regularizer', 'λ', f'{name_a}: error (%)', f'{name_b}: error (%)', f'{name_b} − {name_a}',
               f'gain over baseline, {name_a}', f'gain over baseline, {name_b}', 'difference of the gains']
     rows = []
-    for reg in report.REGULARIZER_ORDER:
+    for reg in REGULARIZERS:
         if reg not in a or reg not in b or 'baseline' not in a or 'baseline' not in b:
             continue
         ea, eb = list(a[reg].values()), list(b[reg].values())
-        row = [report.DISPLAY_NAMES[reg], report.format_weight(weights.get(reg, 0.0)) if reg != 'baseline'
+        row = [DISPLAY_NAMES[reg], report.format_weight(weights.get(reg, 0.0)) if reg != 'baseline'
                else '—', _mean_sd(ea), _mean_sd(eb), _interval(*_welch(ea, eb))]
         if reg == 'baseline':
             row += ['—', '—', '—']

@@ -2,7 +2,7 @@
 
 A records file has one JSON object per line, one line per finished or diverged run (runs still in progress
 are left out), sorted by (scenario, regularizer, phase, λ, seed). Each line has the fields of
-`cwreg.report.RECORD_FIELDS`::
+`cwreg.experiments.report.RECORD_FIELDS`::
 
   {"scenario": "mnist_mlp/default", "regularizer": "cw_vr", "weight": 0.01, "seed": 3, "phase": "final",
    "eval_split": "test", "epochs": 50, "steps": 25000, "error": 2.42, "loss": 0.08, "penalty_value": 0.01,
@@ -11,7 +11,7 @@ are left out), sorted by (scenario, regularizer, phase, λ, seed). Each line has
 ``commit`` is the run's ``provenance.git_commit``; ``stats`` holds a final run's Table 5 statistics
 (``stats.json``), null otherwise. Numbers are written by Python's ``json``, whose float round trip is exact,
 so a report from records equals the one from the sweep directories (`load_records` and
-`cwreg.report.load_runs` share `cwreg.report.run_of_record`).
+`cwreg.experiments.report.load_runs` share `cwreg.experiments.report.run_of_record`).
 
 A manifest (``docs/results/reports.json``) lists the committed reports and the records each is built from::
 
@@ -20,9 +20,9 @@ A manifest (``docs/results/reports.json``) lists the committed reports and the r
     "tables": ["5", "7", "10", "other"]}]
 
 Paths are relative to the repository root (``root``); ``tables`` (optional) restricts the report to those
-keys of `cwreg.report.TABLES` ('other': scenarios outside them); without it the report has every table.
+keys of `cwreg.experiments.report.TABLES` ('other': scenarios outside them); without it the report has every table.
 An entry with ``"variants": [name_a, name_b]`` and one records file per variant is a comparison of two
-variants of the same runs instead (`cwreg.faithfulness`).
+variants of the same runs instead (`cwreg.experiments.faithfulness`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
-from cwreg import report
+from cwreg.experiments import report
 
 # Runs a records file keeps: results. Runs in progress are not results yet.
 KEPT_STATUSES: tuple[str, ...] = ('finished', 'diverged')
@@ -95,7 +95,7 @@ def _read_lines(path: str, out: report.LoadedRuns) -> list[tuple[str, str, dict[
 
 
 def load_records(paths: Sequence[str]) -> report.LoadedRuns:
-  """The runs of records files, as `cwreg.report.load_runs` gives them for the sweep directories.
+  """The runs of records files, as `cwreg.experiments.report.load_runs` gives them for the sweep directories.
 
   A run repeated (within or across files) keeps its last line, as `load_runs` keeps its last path.
   """
@@ -132,7 +132,7 @@ def render_entry(entry: Mapping[str, Any], root: str = '.') -> str:
   """The markdown of one manifest entry, from its records alone (paths relative to ``root``)."""
   paths = [os.path.join(root, p) for p in entry['records']]
   if 'variants' in entry:  # one records file per variant of the same runs (e.g. the TF 1.x check)
-    from cwreg import faithfulness  # pylint: disable=g-import-not-at-top  (it imports this module)
+    from cwreg.experiments import faithfulness  # pylint: disable=g-import-not-at-top  (it imports this module)
     return faithfulness.document(entry['variants'], paths)
   return report.render(load_records(paths), tables=entry.get('tables'))
 

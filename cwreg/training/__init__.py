@@ -1,0 +1,1 @@
+"""The training stack: models, tfds input, the per-device step, the host loop, run directories."""
