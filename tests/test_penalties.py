@@ -513,7 +513,7 @@ def test_l1w_l2w_flax_params_and_no_kernels():
       x = nn.LayerNorm()(x)
       return nn.Dense(3)(x.reshape(x.shape[0], -1))
 
-  variables = Net().init(jax.random.PRNGKey(0), jnp.ones((2, 5, 5, 1)))
+  variables = Net().init(jax.random.key(0), jnp.ones((2, 5, 5, 1)))
   params = variables['params']
   kernels = [params['Conv_0']['kernel'], params['Dense_0']['kernel']]
   np.testing.assert_allclose(penalties.l1w(params), sum(jnp.abs(k).sum() for k in kernels), rtol=1e-5)

@@ -214,7 +214,7 @@ def test_one_step_of_every_config(family, scenario, tmp_path):
   saved = _restore_checkpoint(workdir)
   assert int(saved['epoch']) == 1 and int(saved['state']['step']) == 1
   model = config_lib.model_from_config(config, num_classes=config.dataset.num_classes or _NUM_CLASSES[family])
-  expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+  expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                             jax.ShapeDtypeStruct((1, *_IMAGE_SHAPES[family]), np.float32))
   # The checkpoint holds the group's state: one leading run axis on every parameter.
   assert jax.tree.map(lambda x: x.shape[1:], saved['state']['params']) == jax.tree.map(
@@ -244,7 +244,7 @@ def test_resnet110_builds_and_steps_abstractly(tmp_path):
   assert task.model.depth == 110 and task.augment and task.weight_decay > 0
   images = jax.ShapeDtypeStruct((1, config.batch_size, 32, 32, 3), np.float32)
   labels = jax.ShapeDtypeStruct((1, config.batch_size), np.int32)
-  variables = jax.eval_shape(functools.partial(task.model.init, train=False), jax.random.PRNGKey(0),
+  variables = jax.eval_shape(functools.partial(task.model.init, train=False), jax.random.key(0),
                              jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(variables['params']))
   assert num_params == 1_727_962  # He et al.: 1.7M
@@ -520,11 +520,11 @@ _PMAP_SCRIPT = textwrap.dedent('''
         task = step_lib.Task.from_config(config, num_classes=10)
         rng = np.random.default_rng(0)
         images = rng.uniform(size=(len(LABELS),) + image_shape).astype(np.float32)
-        variables = task.model.init(jax.random.PRNGKey(0), images[:1], train=False)
+        variables = task.model.init(jax.random.key(0), images[:1], train=False)
         state = step_lib.TrainState.create(apply_fn=task.model.apply, params=variables['params'],
                                         tx=config_lib.create_optimizer(config),
                                         batch_stats=variables.get('batch_stats'))
-        key = jax.random.PRNGKey(1)
+        key = jax.random.key_data(jax.random.key(1))  # raw: replicated through numpy
         step = functools.partial(step_lib.train_step, task)
         on4 = jax.pmap(step, axis_name=config_lib.AXIS)
         on1 = jax.pmap(step, axis_name=config_lib.AXIS, devices=jax.devices()[:1])

@@ -208,7 +208,7 @@ def _chunk_runner(config, input_shape: tuple[int, ...], steps: int, num_examples
     step_fn = devices.device_map(functools.partial(step_lib.train_chunk, task, steps, config.batch_size))
     put = lambda x: jax.device_put(np.asarray(x)[None], jax.local_devices()[0])
     args = [put(images), put(labels), put(order), put(np.int32(0)), jax.tree.map(put, weights),
-            put(np.asarray(jax.random.PRNGKey(seed)))]
+            put(np.asarray(jax.random.key_data(jax.random.key(seed))))]
     state = jax.tree.map(put, state)
 
     def run():
@@ -222,7 +222,7 @@ def _representation_width(config, input_shape: tuple[int, ...], layer: str) -> i
     from cwreg.training import step as step_lib
     task = step_lib.Task.from_config(config, 10)
     images = jax.ShapeDtypeStruct((config.batch_size,) + input_shape, jnp.float32)
-    variables = jax.eval_shape(lambda x: task.model.init(jax.random.PRNGKey(0), x, train=False), images)
+    variables = jax.eval_shape(lambda x: task.model.init(jax.random.key(0), x, train=False), images)
     forward = step_lib._forward  # pylint: disable=protected-access
     # Evaluation mode: the same shapes, without the mapped axis batch norm syncs over or a dropout key.
     intermediates = jax.eval_shape(

@@ -269,7 +269,7 @@ def representations(config: ml_collections.ConfigDict, variables: Optional[dict[
     """
     model = config_lib.model_from_config(config, num_classes)
     if variables is None:
-        variables = model.init(jax.random.PRNGKey(config.seed), jnp.asarray(images[:1]), train=False)
+        variables = model.init(jax.random.key(config.seed), jnp.asarray(images[:1]), train=False)
 
     @jax.jit
     def forward(x):

@@ -283,7 +283,9 @@ class _Programs:
         weights = {'penalty': np.array([c.penalty.weight if task.penalty else 0.0 for c in configs], np.float32),
                    'weight_penalty': np.array([c.weight_penalty.weight for c in configs], np.float32),
                    'dropout': np.array([c.model.dropout for c in configs], np.float32)}
-        rngs = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(c.seed), 2)) for c in configs])
+        # Raw key data (uint32), as host arrays: train_chunk wraps it back into typed keys.
+        rngs = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.seed), 2)))
+                         for c in configs])
         train = group.dataset.train
         self.images, self.labels = devices.replicate(train.images), devices.replicate(train.labels)
         per_step = devices.eval_step_size(group.config.eval_batch_size, self.global_batch)

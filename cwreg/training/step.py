@@ -163,7 +163,8 @@ def train_step(task: Task, state: TrainState, images: jax.Array, labels: jax.Arr
     local_batch = labels.shape[0]
     example_ids = lax.axis_index(axis_name) * local_batch + jnp.arange(local_batch)
     dropout_rate = weights['dropout'] if _has_dropout(task) else None
-    dropout_rng = rng if dropout_rng is None else dropout_rng
+    rng = typed_key(rng)
+    dropout_rng = rng if dropout_rng is None else typed_key(dropout_rng)
     if task.augment:
         images = data_lib.augment_cifar(rng, images)
 
@@ -187,13 +188,22 @@ def train_step(task: Task, state: TrainState, images: jax.Array, labels: jax.Arr
     return state, metrics
 
 
+def typed_key(key: jax.Array) -> jax.Array:
+    """A typed PRNG key: `key` itself, or the key whose raw uint32 data it is (as host arrays hold keys)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
 def train_chunk(task: Task, num_steps: int, global_batch: int, state: TrainState, images: jax.Array,
                 labels: jax.Array, order: jax.Array, first_step: jax.Array, weights: dict[str, jax.Array],
                 rng: jax.Array, axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
     """`num_steps` steps as one scan; step s reads order[(first_step+s)·B : …+B], this device's slice.
 
-    Returns the new state and per-step metrics (num_steps,) so a NaN can be traced to its step.
+    `rng`: the run's key, typed or as raw key data. Returns the new state and per-step metrics (num_steps,)
+    so a NaN can be traced to its step.
     """
+    rng = typed_key(rng)
     local_batch = global_batch // lax.axis_size(axis_name)
     device = lax.axis_index(axis_name)
 
@@ -253,7 +263,7 @@ def initial_states(task: Task, tx: optax.GradientTransformation, sample: np.ndar
     """The initial TrainStates of runs with these seeds, stacked along a leading run axis.
 
     One compiled program for all runs: initialising op by op compiles every initializer separately (~2 s for
-    the MLP). The parameters are bitwise those of `model.init(PRNGKey(seed), ...)` for the MLP,
+    the MLP). The parameters are bitwise those of `model.init(jax.random.key(seed), ...)` for the MLP,
     autoencoder and CNN (ResNet's may differ in the last bit).
     """
     def create(key):
@@ -261,7 +271,7 @@ def initial_states(task: Task, tx: optax.GradientTransformation, sample: np.ndar
         return TrainState.create(apply_fn=task.model.apply, params=variables['params'], tx=tx,
                                  batch_stats=variables.get('batch_stats'))
 
-    return jax.jit(jax.vmap(create))(jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]))
+    return jax.jit(jax.vmap(create))(jnp.stack([jax.random.key(seed) for seed in seeds]))
 
 
 def initial_state(task: Task, tx: optax.GradientTransformation, sample: np.ndarray, seed: int) -> TrainState:
@@ -270,5 +280,5 @@ def initial_state(task: Task, tx: optax.GradientTransformation, sample: np.ndarr
 
 def epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     """The example order of one epoch: a function of (seed, epoch) only, so a resumed run repeats it."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 1), epoch)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
     return np.asarray(jax.random.permutation(key, num_examples), np.int32)
