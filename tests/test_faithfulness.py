@@ -63,7 +63,7 @@ def test_variants_of_other_lambda_are_refused(tmp_path):
 
 
 def test_manifest_entry_with_variants(tmp_path):
-  a, b = _write(tmp_path / 'a.jsonl', A), _write(tmp_path / 'b.jsonl', B)
+  _write(tmp_path / 'a.jsonl', A), _write(tmp_path / 'b.jsonl', B)
   text = records.render_entry({'out': 'x.md', 'records': ['a.jsonl', 'b.jsonl'], 'variants': ['A', 'B']},
                               root=str(tmp_path))
   assert text.startswith('# B vs A') and '| cw-VR | 1 |' in text and 'commit abc1234' in text
