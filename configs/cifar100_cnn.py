@@ -16,8 +16,7 @@ cw-VR 56.75 ± 0.64; 16 classes: baseline 45.75, cw-VR 41.38.
 
 import ml_collections
 
-from configs import cifar10_cnn
-from configs import default
+from configs import cifar10_cnn, default
 
 SCENARIOS = ('default', 'size1k', 'size5k', 'width32', 'width512', 'classes4', 'classes16', 'classes64')
 WEIGHTS = cifar10_cnn.WEIGHTS
@@ -30,7 +29,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     config.dataset.name = 'cifar100'
     config.batch_size = 500
     if scenario.startswith('classes'):
-        config.dataset.num_classes = int(scenario[len('classes'):])
+        config.dataset.num_classes = int(scenario[len('classes') :])
         cifar10_cnn.configure(config, 'default')
     else:
         cifar10_cnn.configure(config, scenario)

@@ -31,7 +31,7 @@ def configure(config: ml_collections.ConfigDict, scenario: str) -> None:
     if scenario.startswith('size'):
         config.dataset.train_size = {'size1k': 1000, 'size5k': 5000}[scenario]
     elif scenario.startswith('width'):
-        config.model.width = int(scenario[len('width'):])
+        config.model.width = int(scenario[len('width') :])
     elif scenario in ('momentum', 'rmsprop'):
         config.optimizer.name = scenario
 

@@ -7,14 +7,26 @@ on the command line: ``--config.penalty.weight=0.1 --config.penalty.layer=layer3
 
 import ml_collections
 
-from cwreg.names import REGULARIZERS
-from cwreg.names import set_regularizer  # noqa: F401  (re-exported for the family configs)
+from cwreg.names import (
+    REGULARIZERS,
+    set_regularizer,  # noqa: F401  (re-exported for the family configs)
+)
 
 #: λ of a single run where no λ search has been run for the scenario (the sweep searches
 #: cwreg.names.WEIGHT_GRID); dropout's is its rate, batch norm has none. The autoencoder and the ResNet
 #: have no dropout or optional batch norm: the trainer rejects those two there (ConfigError).
-WEIGHTS = {'baseline': 0.0, 'l1w': 0.001, 'l2w': 0.001, 'dropout': 0.5, 'batchnorm': 0.0, 'cr': 0.1,
-           'cw_cr': 0.1, 'vr': 0.1, 'cw_vr': 0.1, 'l1r': 0.1}
+WEIGHTS = {
+    'baseline': 0.0,
+    'l1w': 0.001,
+    'l2w': 0.001,
+    'dropout': 0.5,
+    'batchnorm': 0.0,
+    'cr': 0.1,
+    'cw_cr': 0.1,
+    'vr': 0.1,
+    'cw_vr': 0.1,
+    'l1r': 0.1,
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -30,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.num_classes = 0  # >0: keep classes 0..k-1 (paper's CIFAR-100 16/64-class scenarios)
     config.dataset.augment = False  # pad-4 random crop + horizontal flip, on device (ResNet)
     config.dataset.standardize = False  # True: (x - mean) / std with the training split's pixel mean and std
-    config.dataset.download = True  # online: let tfds download a missing dataset; offline: launch/prepare_data.py
+    config.dataset.download = (
+        True  # online: let tfds download a missing dataset; offline: launch/prepare_data.py
+    )
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'mlp'  # mlp, cnn, resnet, autoencoder
@@ -83,7 +97,8 @@ def parse_arg(arg: str, scenarios: tuple[str, ...]) -> tuple[str, str]:
         elif token in scenarios:
             scenario = token
         else:
-            raise ValueError(f'Unknown config token {token!r}; regularizers: {list(REGULARIZERS)}, '
-                             f'scenarios: {list(scenarios)}.')
+            raise ValueError(
+                f'Unknown config token {token!r}; regularizers: {list(REGULARIZERS)}, '
+                f'scenarios: {list(scenarios)}.'
+            )
     return regularizer, scenario
-

@@ -22,8 +22,18 @@ from configs import default
 SCENARIOS = ('default', 'size1k', 'size5k', 'width2', 'width8')
 #: λ chosen by our validation search on the default scenario (docs/results/mnist_mlp_default.md).
 #: Dropout (rate 0.5) and batch norm: no search run (configs/default.py).
-WEIGHTS = {'baseline': 0.0, 'l1w': 0.001, 'l2w': 0.001, 'dropout': 0.5, 'batchnorm': 0.0, 'cr': 1.0,
-           'cw_cr': 1.0, 'vr': 0.1, 'cw_vr': 1.0, 'l1r': 1.0}
+WEIGHTS = {
+    'baseline': 0.0,
+    'l1w': 0.001,
+    'l2w': 0.001,
+    'dropout': 0.5,
+    'batchnorm': 0.0,
+    'cr': 1.0,
+    'cw_cr': 1.0,
+    'vr': 0.1,
+    'cw_vr': 1.0,
+    'l1r': 1.0,
+}
 
 
 def get_config(arg: str = '') -> ml_collections.ConfigDict:
@@ -37,6 +47,6 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     # split, which for MNIST the paper does not merge back).
     config.dataset.train_size = {'size1k': 1000, 'size5k': 5000}.get(scenario, 50_000)
     if scenario.startswith('width'):
-        config.model.width = int(scenario[len('width'):])
+        config.model.width = int(scenario[len('width') :])
     default.set_regularizer(config, regularizer, WEIGHTS[regularizer])
     return config

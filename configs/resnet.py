@@ -29,7 +29,7 @@ def get_config(arg: str = 'resnet32') -> ml_collections.ConfigDict:
     config.dataset.name = 'cifar10'
     config.dataset.augment = True
     config.model.name = 'resnet'
-    config.model.depth = int(scenario[len('resnet'):])
+    config.model.depth = int(scenario[len('resnet') :])
     config.penalty.layer = config.weight_penalty.layer = 'logits'
     config.weight_decay = 1e-4
     config.optimizer.name = 'momentum'

@@ -29,8 +29,8 @@ from typing import Optional
 
 import chex
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from cwreg import labels as labels_lib
 from cwreg.labels import AxisName, psum
@@ -40,88 +40,116 @@ _PRECISION = lax.Precision.HIGHEST
 
 
 def _weights(activations, labels, num_classes, where, name: Optional[str]) -> tuple[Array, Array]:
-  """(N, I) activations and dense (N, K) weights: one-hot rows for ids, the mask applied (K=1: all-class)."""
-  z = labels_lib.as_units(activations)
-  mask = labels_lib.as_mask(where, z.shape[0])
-  if name is None:
-    weights = jnp.ones((z.shape[0], 1), z.dtype)
-    return z, weights if mask is None else weights * mask[:, None]
-  read, k = labels_lib.as_labels(labels, z.shape[0], num_classes, mask, name, z.dtype)
-  weights = labels_lib.one_hot(read.ids, k, z.dtype) if read.weights is None else read.weights
-  return z, weights
+    """(N, I) activations and dense (N, K) weights: one-hot rows for ids, the mask applied (K=1: all-class)."""
+    z = labels_lib.as_units(activations)
+    mask = labels_lib.as_mask(where, z.shape[0])
+    if name is None:
+        weights = jnp.ones((z.shape[0], 1), z.dtype)
+        return z, weights if mask is None else weights * mask[:, None]
+    read, k = labels_lib.as_labels(labels, z.shape[0], num_classes, mask, name, z.dtype)
+    weights = labels_lib.one_hot(read.ids, k, z.dtype) if read.weights is None else read.weights
+    return z, weights
 
 
 def _statistics(z: Array, w: Array, axis_name: AxisName) -> tuple[Array, Array, Array]:
-  """Weighted eqs. (4)–(5) over the global batch, one class at a time.
+    """Weighted eqs. (4)–(5) over the global batch, one class at a time.
 
-  Returns:
-    centred (K, N, I): z_n − μ^k; counts (K,): W_k; covariances (K, I, I): c^k_ij (0 for empty k).
-  """
-  counts = psum(jnp.sum(w, axis=0), axis_name)
-  safe_counts = jnp.where(counts > 0, counts, 1.0)
-  means = psum(jnp.einsum('nk,ni->ki', w, z, precision=_PRECISION), axis_name) / safe_counts[:, None]
-  centred = jnp.where((w.T > 0)[:, :, None], z[None] - means[:, None, :], 0)
-  scatter = psum(jnp.einsum('kn,kni,knj->kij', w.T, centred, centred, precision=_PRECISION), axis_name)
-  return centred, counts, scatter / safe_counts[:, None, None]
+    Returns:
+      centred (K, N, I): z_n − μ^k; counts (K,): W_k; covariances (K, I, I): c^k_ij (0 for empty k).
+    """
+    counts = psum(jnp.sum(w, axis=0), axis_name)
+    safe_counts = jnp.where(counts > 0, counts, 1.0)
+    means = psum(jnp.einsum('nk,ni->ki', w, z, precision=_PRECISION), axis_name) / safe_counts[:, None]
+    centred = jnp.where((w.T > 0)[:, :, None], z[None] - means[:, None, :], 0)
+    scatter = psum(jnp.einsum('kn,kni,knj->kij', w.T, centred, centred, precision=_PRECISION), axis_name)
+    return centred, counts, scatter / safe_counts[:, None, None]
 
 
 def _covariance_gradient(activations, w: Array, z: Array, axis_name: AxisName) -> Array:
-  num_classes, num_units = w.shape[1], z.shape[1]
-  if num_units < 2:
-    return jnp.zeros_like(activations)
-  centred, counts, covariances = _statistics(z, w, axis_name)
-  off_diagonal = covariances * (1.0 - jnp.eye(num_units, dtype=z.dtype))
-  # Σ_k w_nk/W_k Σ_{j≠i} c^k_ij (z_jn − μ^k_j).
-  scale = 4.0 / (num_classes * num_units * (num_units - 1.0) * jnp.where(counts > 0, counts, 1.0))
-  grad = jnp.einsum('nk,kij,knj->ni', w * scale, off_diagonal, centred, precision=_PRECISION)
-  return grad.reshape(activations.shape).astype(activations.dtype)
+    num_classes, num_units = w.shape[1], z.shape[1]
+    if num_units < 2:
+        return jnp.zeros_like(activations)
+    centred, counts, covariances = _statistics(z, w, axis_name)
+    off_diagonal = covariances * (1.0 - jnp.eye(num_units, dtype=z.dtype))
+    # Σ_k w_nk/W_k Σ_{j≠i} c^k_ij (z_jn − μ^k_j).
+    scale = 4.0 / (num_classes * num_units * (num_units - 1.0) * jnp.where(counts > 0, counts, 1.0))
+    grad = jnp.einsum('nk,kij,knj->ni', w * scale, off_diagonal, centred, precision=_PRECISION)
+    return grad.reshape(activations.shape).astype(activations.dtype)
 
 
 def _variance_gradient(activations, w: Array, z: Array, axis_name: AxisName) -> Array:
-  num_classes, num_units = w.shape[1], z.shape[1]
-  centred, counts, _ = _statistics(z, w, axis_name)
-  scale = 2.0 / (num_classes * num_units * jnp.where(counts > 0, counts, 1.0))
-  grad = jnp.einsum('nk,kni->ni', w * scale, centred, precision=_PRECISION)
-  return grad.reshape(activations.shape).astype(activations.dtype)
+    num_classes, num_units = w.shape[1], z.shape[1]
+    centred, counts, _ = _statistics(z, w, axis_name)
+    scale = 2.0 / (num_classes * num_units * jnp.where(counts > 0, counts, 1.0))
+    grad = jnp.einsum('nk,kni->ni', w * scale, centred, precision=_PRECISION)
+    return grad.reshape(activations.shape).astype(activations.dtype)
 
 
-def cr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
-       where: Optional[chex.Array] = None, axis_name: AxisName = None) -> Array:
-  """∂Ω_CR/∂z = 4/(N I(I−1)) Σ_{j≠i} c_ij (z_jn − μ_j); labels are ignored."""
-  del labels, num_classes
-  z, w = _weights(activations, None, None, where, None)
-  return _covariance_gradient(activations, w, z, axis_name)
+def cr(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+) -> Array:
+    """∂Ω_CR/∂z = 4/(N I(I−1)) Σ_{j≠i} c_ij (z_jn − μ_j); labels are ignored."""
+    del labels, num_classes
+    z, w = _weights(activations, None, None, where, None)
+    return _covariance_gradient(activations, w, z, axis_name)
 
 
-def cw_cr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
-          num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
-          axis_name: AxisName = None) -> Array:
-  """∂Ω_cw-CR/∂z = 4/(K I(I−1)|S_k|) Σ_{j≠i} c^k_ij (z_jn − μ^k_j), n ∈ S_k."""
-  z, w = _weights(activations, labels, num_classes, where, 'cw_cr')
-  return _covariance_gradient(activations, w, z, axis_name)
+def cw_cr(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+) -> Array:
+    """∂Ω_cw-CR/∂z = 4/(K I(I−1)|S_k|) Σ_{j≠i} c^k_ij (z_jn − μ^k_j), n ∈ S_k."""
+    z, w = _weights(activations, labels, num_classes, where, 'cw_cr')
+    return _covariance_gradient(activations, w, z, axis_name)
 
 
-def vr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
-       where: Optional[chex.Array] = None, axis_name: AxisName = None) -> Array:
-  """∂Ω_VR/∂z = 2/(N I) (z_in − μ_i); labels are ignored."""
-  del labels, num_classes
-  z, w = _weights(activations, None, None, where, None)
-  return _variance_gradient(activations, w, z, axis_name)
+def vr(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+) -> Array:
+    """∂Ω_VR/∂z = 2/(N I) (z_in − μ_i); labels are ignored."""
+    del labels, num_classes
+    z, w = _weights(activations, None, None, where, None)
+    return _variance_gradient(activations, w, z, axis_name)
 
 
-def cw_vr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
-          num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
-          axis_name: AxisName = None) -> Array:
-  """∂Ω_cw-VR/∂z = 2/(K I |S_k|) (z_in − μ^k_i), n ∈ S_k."""
-  z, w = _weights(activations, labels, num_classes, where, 'cw_vr')
-  return _variance_gradient(activations, w, z, axis_name)
+def cw_vr(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+) -> Array:
+    """∂Ω_cw-VR/∂z = 2/(K I |S_k|) (z_in − μ^k_i), n ∈ S_k."""
+    z, w = _weights(activations, labels, num_classes, where, 'cw_vr')
+    return _variance_gradient(activations, w, z, axis_name)
 
 
-def l1r(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
-        where: Optional[chex.Array] = None, axis_name: AxisName = None) -> Array:
-  """∂Ω_L1R/∂z = sign(z_in)/(N I), N the global count of unmasked samples; labels are ignored."""
-  del labels, num_classes
-  z, w = _weights(activations, None, None, where, None)
-  count = jnp.maximum(psum(jnp.sum(w), axis_name), 1.0)
-  grad = w * jnp.sign(z) / (count * float(z.shape[1]))
-  return grad.reshape(activations.shape).astype(activations.dtype)
+def l1r(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+) -> Array:
+    """∂Ω_L1R/∂z = sign(z_in)/(N I), N the global count of unmasked samples; labels are ignored."""
+    del labels, num_classes
+    z, w = _weights(activations, None, None, where, None)
+    count = jnp.maximum(psum(jnp.sum(w), axis_name), 1.0)
+    grad = w * jnp.sign(z) / (count * float(z.shape[1]))
+    return grad.reshape(activations.shape).astype(activations.dtype)

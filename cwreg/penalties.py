@@ -91,8 +91,8 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 
 import chex
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 import numpy as np
 
@@ -107,21 +107,26 @@ GRAD_REDUCTIONS = ('pmean', 'psum')
 
 
 def gram_form_error_bound(num_units: int, dtype=jnp.float32) -> float:
-  """The Gram form's bound on |error| / Σ_k ‖C_k‖²_F (normalized like Ω) for value and gradient.
+    """The Gram form's bound on |error| / Σ_k ‖C_k‖²_F (normalized like Ω) for value and gradient.
 
-  Measured in float32 at up to 0.9 ε √I (ε = 2^-24) on badly scaled inputs of 64 to 65,536 units;
-  stated with a margin of 4 and tested.
-  """
-  return 4.0 * float(jnp.finfo(dtype).eps) / 2.0 * math.sqrt(num_units)
+    Measured in float32 at up to 0.9 ε √I (ε = 2^-24) on badly scaled inputs of 64 to 65,536 units;
+    stated with a margin of 4 and tested.
+    """
+    return 4.0 * float(jnp.finfo(dtype).eps) / 2.0 * math.sqrt(num_units)
 
 
 class Penalty(Protocol):
-
-  def __call__(self, activations: chex.Array, labels: Optional[chex.Array] = None, *,
-               num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
-               axis_name: AxisName = None, grad_reduction: str = 'pmean',
-               precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
-    ...
+    def __call__(
+        self,
+        activations: chex.Array,
+        labels: Optional[chex.Array] = None,
+        *,
+        num_classes: Optional[int] = None,
+        where: Optional[chex.Array] = None,
+        axis_name: AxisName = None,
+        grad_reduction: str = 'pmean',
+        precision: PrecisionLike = DEFAULT_PRECISION,
+    ) -> Array: ...
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -129,154 +134,161 @@ class Penalty(Protocol):
 
 
 def _pow2_scale(largest: Array) -> Array:
-  """A power of 2 near ``largest`` (≥ 0), so that dividing by it is exact and brings values near 1."""
-  _, exponent = jnp.frexp(largest)
-  return jnp.ldexp(jnp.ones((), largest.dtype), jnp.clip(exponent, -126, 127))
+    """A power of 2 near ``largest`` (≥ 0), so that dividing by it is exact and brings values near 1."""
+    _, exponent = jnp.frexp(largest)
+    return jnp.ldexp(jnp.ones((), largest.dtype), jnp.clip(exponent, -126, 127))
 
 
 def _fixed_pow2(n: int) -> float:
-  """2^⌈log2 n⌉: dividing sums of n terms by it keeps them in range, exactly."""
-  return float(2.0 ** math.ceil(math.log2(max(n, 1))))
+    """2^⌈log2 n⌉: dividing sums of n terms by it keeps them in range, exactly."""
+    return float(2.0 ** math.ceil(math.log2(max(n, 1))))
 
 
 class _HardClasses:
-  """Sample n is in class ids[n], or in none when ids[n] == K (absent, padded or masked)."""
+    """Sample n is in class ids[n], or in none when ids[n] == K (absent, padded or masked)."""
 
-  def __init__(self, ids: Array, num_classes: int, dtype, precision: PrecisionLike):
-    self.ids, self.num_classes, self.dtype, self.precision = ids, num_classes, dtype, precision
+    def __init__(self, ids: Array, num_classes: int, dtype, precision: PrecisionLike):
+        self.ids, self.num_classes, self.dtype, self.precision = ids, num_classes, dtype, precision
 
-  def _one_hot(self, ids: Optional[Array] = None) -> Array:
-    return labels_lib.one_hot(self.ids if ids is None else ids, self.num_classes, self.dtype)
+    def _one_hot(self, ids: Optional[Array] = None) -> Array:
+        return labels_lib.one_hot(self.ids if ids is None else ids, self.num_classes, self.dtype)
 
-  def _product(self, a: Array, b: Array) -> Array:
-    return jnp.tensordot(a, b, axes=1, precision=self.precision)
+    def _product(self, a: Array, b: Array) -> Array:
+        return jnp.tensordot(a, b, axes=1, precision=self.precision)
 
-  def valid(self) -> Array:
-    return self.ids < self.num_classes
+    def valid(self) -> Array:
+        return self.ids < self.num_classes
 
-  def sums(self, values: Array) -> Array:
-    """Σ_{n∈S_k} values_n: (N, ...) -> (K, ...)."""
-    num_classes = self.num_classes
+    def sums(self, values: Array) -> Array:
+        """Σ_{n∈S_k} values_n: (N, ...) -> (K, ...)."""
+        num_classes = self.num_classes
 
-    def by_product(v, ids):
-      # Masked rows may hold anything (even NaN): the product must not see them.
-      v = jnp.where(self._expand(ids < num_classes, v), v, 0)
-      return self._product(self._one_hot(ids).T, v)
+        def by_product(v, ids):
+            # Masked rows may hold anything (even NaN): the product must not see them.
+            v = jnp.where(self._expand(ids < num_classes, v), v, 0)
+            return self._product(self._one_hot(ids).T, v)
 
-    if num_classes == 1:  # XLA:CPU sums over the leading axis of a wide array up to 40× slower.
-      return by_product(values, self.ids)
-    return lax.platform_dependent(
-        values, self.ids, default=by_product,
-        cpu=lambda v, ids: jax.ops.segment_sum(v, ids, num_segments=num_classes))
+        if num_classes == 1:  # XLA:CPU sums over the leading axis of a wide array up to 40× slower.
+            return by_product(values, self.ids)
+        return lax.platform_dependent(
+            values,
+            self.ids,
+            default=by_product,
+            cpu=lambda v, ids: jax.ops.segment_sum(v, ids, num_segments=num_classes),
+        )
 
-  @staticmethod
-  def _expand(mask: Array, like: Array) -> Array:
-    return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
+    @staticmethod
+    def _expand(mask: Array, like: Array) -> Array:
+        return mask.reshape(mask.shape + (1,) * (like.ndim - 1))
 
-  def lookup(self, class_values: Array) -> Array:
-    """The entry of each sample's class, 0 for no class: (K, ...) -> (N, ...)."""
-    by_product = lambda v, ids: self._product(self._one_hot(ids), v)
-    if self.num_classes == 1:
-      return by_product(class_values, self.ids)
-    # A zero row for "no class" keeps every index in range: a plain gather, faster than a filling one.
-    with_none = lambda v, ids: jnp.concatenate([v, jnp.zeros((1,) + v.shape[1:], v.dtype)])[ids]
-    return lax.platform_dependent(class_values, self.ids, default=by_product, cpu=with_none)
+    def lookup(self, class_values: Array) -> Array:
+        """The entry of each sample's class, 0 for no class: (K, ...) -> (N, ...)."""
+        by_product = lambda v, ids: self._product(self._one_hot(ids), v)
+        if self.num_classes == 1:
+            return by_product(class_values, self.ids)
+        # A zero row for "no class" keeps every index in range: a plain gather, faster than a filling one.
+        with_none = lambda v, ids: jnp.concatenate([v, jnp.zeros((1,) + v.shape[1:], v.dtype)])[ids]
+        return lax.platform_dependent(class_values, self.ids, default=by_product, cpu=with_none)
 
-  def counts(self, axis_name: AxisName) -> Array:
-    return psum(self.sums(jnp.ones(self.ids.shape, self.dtype)), axis_name)
+    def counts(self, axis_name: AxisName) -> Array:
+        return psum(self.sums(jnp.ones(self.ids.shape, self.dtype)), axis_name)
 
-  def centre(self, z: Array, means: Array) -> Array:
-    # Masking z before the subtraction lets XLA:CPU fuse the gather into it (after it, 2.5× slower).
-    return jnp.where(self.valid()[:, None], z, 0) - self.lookup(means)
+    def centre(self, z: Array, means: Array) -> Array:
+        # Masking z before the subtraction lets XLA:CPU fuse the gather into it (after it, 2.5× slower).
+        return jnp.where(self.valid()[:, None], z, 0) - self.lookup(means)
 
-  def scale_rows(self, class_values: Array, x: Array) -> Array:
-    """x_n times its class's entry of class_values ((K,) or (K, I)); 0 for no class."""
-    per_sample = self.lookup(class_values)
-    return (per_sample[:, None] if per_sample.ndim == 1 else per_sample) * x
+    def scale_rows(self, class_values: Array, x: Array) -> Array:
+        """x_n times its class's entry of class_values ((K,) or (K, I)); 0 for no class."""
+        per_sample = self.lookup(class_values)
+        return (per_sample[:, None] if per_sample.ndim == 1 else per_sample) * x
 
-  def gathered(self, axis_name: AxisName) -> '_HardClasses':
-    ids = lax.all_gather(self.ids, axis_name, tiled=True)
-    return _HardClasses(ids, self.num_classes, self.dtype, self.precision)
+    def gathered(self, axis_name: AxisName) -> '_HardClasses':
+        ids = lax.all_gather(self.ids, axis_name, tiled=True)
+        return _HardClasses(ids, self.num_classes, self.dtype, self.precision)
 
-  def pair_weights(self, class_values: Array, others: '_HardClasses') -> Array:
-    """(N, M): class_values[k] where sample n and sample m of ``others`` are both in class k, else 0."""
-    k = self.num_classes
+    def pair_weights(self, class_values: Array, others: '_HardClasses') -> Array:
+        """(N, M): class_values[k] where sample n and sample m of ``others`` are both in class k, else 0."""
+        k = self.num_classes
 
-    def same_index(ids, other_ids):
-      same = (ids[:, None] == other_ids[None, :]) & (ids < k)[:, None]
-      return same.astype(self.dtype)
+        def same_index(ids, other_ids):
+            same = (ids[:, None] == other_ids[None, :]) & (ids < k)[:, None]
+            return same.astype(self.dtype)
 
-    if k == 1:
-      same = self._product(self._one_hot(), self._one_hot(others.ids).T)
-    else:
-      same = lax.platform_dependent(
-          self.ids, others.ids, cpu=same_index,
-          default=lambda a, b: self._product(self._one_hot(a), self._one_hot(b).T))
-    return self.lookup(class_values)[:, None] * same
+        if k == 1:
+            same = self._product(self._one_hot(), self._one_hot(others.ids).T)
+        else:
+            same = lax.platform_dependent(
+                self.ids,
+                others.ids,
+                cpu=same_index,
+                default=lambda a, b: self._product(self._one_hot(a), self._one_hot(b).T),
+            )
+        return self.lookup(class_values)[:, None] * same
 
-  def scatter(self, centred: Array) -> Array:
-    """Σ_{n∈S_k} x_n x_nᵀ: (K, I, I). Rows outside every class are 0 in ``centred``."""
-    if self.num_classes == 1:
-      return jnp.matmul(centred.T, centred, precision=self.precision)[None]
-    return jnp.einsum('nk,ni,nj->kij', self._one_hot(), centred, centred, precision=self.precision)
+    def scatter(self, centred: Array) -> Array:
+        """Σ_{n∈S_k} x_n x_nᵀ: (K, I, I). Rows outside every class are 0 in ``centred``."""
+        if self.num_classes == 1:
+            return jnp.matmul(centred.T, centred, precision=self.precision)[None]
+        return jnp.einsum('nk,ni,nj->kij', self._one_hot(), centred, centred, precision=self.precision)
 
-  def apply(self, scale: Array, matrices: Array, centred: Array) -> Array:
-    """scale_k Σ_j M^k_ij x_jn for the class k of each sample n: (N, I); scale has shape (K,)."""
-    if self.num_classes == 1:
-      return jnp.matmul(centred, scale[0] * matrices[0], precision=self.precision)
-    return jnp.einsum('nk,kij,nj->ni', scale * self._one_hot(), matrices, centred,
-                      precision=self.precision)
+    def apply(self, scale: Array, matrices: Array, centred: Array) -> Array:
+        """scale_k Σ_j M^k_ij x_jn for the class k of each sample n: (N, I); scale has shape (K,)."""
+        if self.num_classes == 1:
+            return jnp.matmul(centred, scale[0] * matrices[0], precision=self.precision)
+        return jnp.einsum(
+            'nk,kij,nj->ni', scale * self._one_hot(), matrices, centred, precision=self.precision
+        )
 
 
 class _OneClass:
-  """Every sample in one class, sample n with weight w_n (None: all 1, and the count is static)."""
+    """Every sample in one class, sample n with weight w_n (None: all 1, and the count is static)."""
 
-  num_classes = 1
+    num_classes = 1
 
-  def __init__(self, weights: Optional[Array], num_samples: int, dtype, precision: PrecisionLike):
-    self.weights, self.num_samples, self.dtype, self.precision = weights, num_samples, dtype, precision
+    def __init__(self, weights: Optional[Array], num_samples: int, dtype, precision: PrecisionLike):
+        self.weights, self.num_samples, self.dtype, self.precision = weights, num_samples, dtype, precision
 
-  def _column(self) -> Array:
-    if self.weights is None:
-      return jnp.ones((self.num_samples, 1), self.dtype)
-    return self.weights[:, None]
+    def _column(self) -> Array:
+        if self.weights is None:
+            return jnp.ones((self.num_samples, 1), self.dtype)
+        return self.weights[:, None]
 
-  def valid(self) -> Optional[Array]:
-    return None if self.weights is None else self.weights > 0
+    def valid(self) -> Optional[Array]:
+        return None if self.weights is None else self.weights > 0
 
-  def sums(self, values: Array) -> Array:
-    # A product with the column, not jnp.sum: XLA:CPU's leading-axis sums of wide arrays are slow.
-    return jnp.tensordot(self._column().T, values, axes=1, precision=self.precision)
+    def sums(self, values: Array) -> Array:
+        # A product with the column, not jnp.sum: XLA:CPU's leading-axis sums of wide arrays are slow.
+        return jnp.tensordot(self._column().T, values, axes=1, precision=self.precision)
 
-  def counts(self, axis_name: AxisName) -> Array:
-    if self.weights is None:
-      return jnp.full((1,), self.num_samples * axis_size(axis_name), self.dtype)
-    return psum(jnp.sum(self.weights, keepdims=True), axis_name)
+    def counts(self, axis_name: AxisName) -> Array:
+        if self.weights is None:
+            return jnp.full((1,), self.num_samples * axis_size(axis_name), self.dtype)
+        return psum(jnp.sum(self.weights, keepdims=True), axis_name)
 
-  def centre(self, z: Array, means: Array) -> Array:
-    centred = z - means[0]
-    return centred if self.weights is None else jnp.where(self.valid()[:, None], centred, 0)
+    def centre(self, z: Array, means: Array) -> Array:
+        centred = z - means[0]
+        return centred if self.weights is None else jnp.where(self.valid()[:, None], centred, 0)
 
-  def scale_rows(self, class_values: Array, x: Array) -> Array:
-    scaled = class_values[0] * x
-    return scaled if self.weights is None else self.weights[:, None] * scaled
+    def scale_rows(self, class_values: Array, x: Array) -> Array:
+        scaled = class_values[0] * x
+        return scaled if self.weights is None else self.weights[:, None] * scaled
 
-  def gathered(self, axis_name: AxisName) -> '_OneClass':
-    weights = None if self.weights is None else lax.all_gather(self.weights, axis_name, tiled=True)
-    return _OneClass(weights, self.num_samples * axis_size(axis_name), self.dtype, self.precision)
+    def gathered(self, axis_name: AxisName) -> '_OneClass':
+        weights = None if self.weights is None else lax.all_gather(self.weights, axis_name, tiled=True)
+        return _OneClass(weights, self.num_samples * axis_size(axis_name), self.dtype, self.precision)
 
-  def pair_weights(self, class_values: Array, others: '_OneClass') -> Array:
-    if self.weights is None:
-      return class_values[0]  # The same for every pair: a scalar broadcasts.
-    return class_values[0] * self.weights[:, None] * others.weights[None, :]
+    def pair_weights(self, class_values: Array, others: '_OneClass') -> Array:
+        if self.weights is None:
+            return class_values[0]  # The same for every pair: a scalar broadcasts.
+        return class_values[0] * self.weights[:, None] * others.weights[None, :]
 
-  def scatter(self, centred: Array) -> Array:
-    left = centred if self.weights is None else self.weights[:, None] * centred
-    return jnp.matmul(left.T, centred, precision=self.precision)[None]
+    def scatter(self, centred: Array) -> Array:
+        left = centred if self.weights is None else self.weights[:, None] * centred
+        return jnp.matmul(left.T, centred, precision=self.precision)[None]
 
-  def apply(self, scale: Array, matrices: Array, centred: Array) -> Array:
-    out = jnp.matmul(centred, scale[0] * matrices[0], precision=self.precision)
-    return out if self.weights is None else self.weights[:, None] * out
+    def apply(self, scale: Array, matrices: Array, centred: Array) -> Array:
+        out = jnp.matmul(centred, scale[0] * matrices[0], precision=self.precision)
+        return out if self.weights is None else self.weights[:, None] * out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,38 +296,39 @@ class _OneClass:
 
 
 def _class_centred(members, z: Array, axis_name: AxisName) -> tuple[Array, Array]:
-  """(z_n − μ^{k(n)}, 0 outside every class) and 1/W_k (0-safe: an empty class has no members)."""
-  counts = members.counts(axis_name)
-  inv_counts = 1.0 / jnp.where(counts > 0, counts, 1.0)
-  means = psum(members.sums(z), axis_name) * inv_counts[:, None]
-  return members.centre(z, means), inv_counts
+    """(z_n − μ^{k(n)}, 0 outside every class) and 1/W_k (0-safe: an empty class has no members)."""
+    counts = members.counts(axis_name)
+    inv_counts = 1.0 / jnp.where(counts > 0, counts, 1.0)
+    means = psum(members.sums(z), axis_name) * inv_counts[:, None]
+    return members.centre(z, means), inv_counts
 
 
-def _variance_sum(members, z: Array, axis_name: AxisName, divisor: float,
-                  with_gradient: bool) -> tuple[Array, Optional[Array]]:
-  """Σ_k Σ_i v^k_i / divisor and, if asked, the gradient 2 w_nk/W_k (z_n − μ^k) of the sum.
+def _variance_sum(
+    members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool
+) -> tuple[Array, Optional[Array]]:
+    """Σ_k Σ_i v^k_i / divisor and, if asked, the gradient 2 w_nk/W_k (z_n − μ^k) of the sum.
 
-  The gradient has no μ terms: the means' share of it is −2/W_k Σ_n w_nk (z_n − μ^k) = 0.
-  """
-  centred, inv_counts = _class_centred(members, z, axis_name)
-  # Per-sample ‖z_n − μ^k‖² as a product (XLA:CPU's fused square-and-sum of wide rows is slower), divided
-  # by 2^⌈log2 N⌉, exactly, so that the class sums stay in range.
-  shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name))
-  squares = jnp.einsum('ni,ni->n', centred, centred, precision=members.precision) * (1.0 / shrink)
-  per_class = psum(members.sums(squares), axis_name)
-  value = (jnp.sum(per_class * inv_counts) / divisor) * shrink
-  if not with_gradient:
-    return value, None
-  return value, members.scale_rows(2.0 * inv_counts, centred)
+    The gradient has no μ terms: the means' share of it is −2/W_k Σ_n w_nk (z_n − μ^k) = 0.
+    """
+    centred, inv_counts = _class_centred(members, z, axis_name)
+    # Per-sample ‖z_n − μ^k‖² as a product (XLA:CPU's fused square-and-sum of wide rows is slower), divided
+    # by 2^⌈log2 N⌉, exactly, so that the class sums stay in range.
+    shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name))
+    squares = jnp.einsum('ni,ni->n', centred, centred, precision=members.precision) * (1.0 / shrink)
+    per_class = psum(members.sums(squares), axis_name)
+    value = (jnp.sum(per_class * inv_counts) / divisor) * shrink
+    if not with_gradient:
+        return value, None
+    return value, members.scale_rows(2.0 * inv_counts, centred)
 
 
 def use_gram_form(num_samples: int, num_units: int, num_classes: int) -> bool:
-  """Whether the N×N Gram form of Σ_k ‖C_k‖²_F is cheaper than K per-class I×I covariances.
+    """Whether the N×N Gram form of Σ_k ‖C_k‖²_F is cheaper than K per-class I×I covariances.
 
-  The covariance form costs K·N·I² flops and K·I² memory, the Gram form N²·I flops and N² memory
-  (N = global batch size). Only the covariance form is free of cancellation (module docstring).
-  """
-  return num_samples * num_samples < num_classes * num_samples * num_units
+    The covariance form costs K·N·I² flops and K·I² memory, the Gram form N²·I flops and N² memory
+    (N = global batch size). Only the covariance form is free of cancellation (module docstring).
+    """
+    return num_samples * num_samples < num_classes * num_samples * num_units
 
 
 # Off-diagonal masks up to this many units are baked into the program as constants (≤ 1 MiB); wider ones
@@ -324,218 +337,249 @@ _CONSTANT_MASK_MAX_UNITS = 512
 
 
 def _off_diagonal_mask(num_units: int, dtype) -> Array:
-  if num_units <= _CONSTANT_MASK_MAX_UNITS:
-    return jnp.asarray(1.0 - np.eye(num_units), dtype)
-  return 1.0 - jnp.eye(num_units, dtype=dtype)
+    if num_units <= _CONSTANT_MASK_MAX_UNITS:
+        return jnp.asarray(1.0 - np.eye(num_units), dtype)
+    return 1.0 - jnp.eye(num_units, dtype=dtype)
 
 
-def _off_diagonal_by_covariance(members, z: Array, axis_name: AxisName, divisor: float,
-                                with_gradient: bool) -> tuple[Array, Optional[Array]]:
-  """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from per-class covariances (no cancellation), and its gradient.
+def _off_diagonal_by_covariance(
+    members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool
+) -> tuple[Array, Optional[Array]]:
+    """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from per-class covariances (no cancellation), and its gradient.
 
-  The gradient (4 w_nk/W_k) Σ_{j≠i} c^k_ij (z_jn − μ^k_j) has no μ terms: each class's gradient is a
-  linear map of its centred activations, whose weighted sum is 0.
-  """
-  centred, inv_counts = _class_centred(members, z, axis_name)
-  mask = _off_diagonal_mask(z.shape[1], centred.dtype)
-  off_diagonal = psum(members.scatter(centred), axis_name) * (inv_counts[:, None, None] * mask)
-  scale = _pow2_scale(jnp.max(jnp.abs(off_diagonal)))  # Squares of entries near 1e19 would overflow.
-  shrunk = off_diagonal * (1.0 / scale)
-  value = (jnp.sum(shrunk * shrunk) / divisor) * scale * scale
-  if not with_gradient:
-    return value, None
-  return value, members.apply(4.0 * inv_counts, off_diagonal, centred)
-
-
-def _off_diagonal_by_gram(members, z: Array, axis_name: AxisName, divisor: float,
-                          with_gradient: bool) -> tuple[Array, Optional[Array]]:
-  """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from same-class entries of the Gram matrix, and its gradient.
-
-  ‖C_k‖²_F = (1/W_k²) Σ_{n,m} w_nk w_mk ⟨x_n, x_m⟩² with x the class-centred activations; the diagonal
-  Σ_k Σ_i (c^k_ii)² comes from per-class sums of squares (K×I, never K×I×I).
-  """
-  centred, inv_counts = _class_centred(members, z, axis_name)
-  if axis_size(axis_name) == 1:
-    others, other_members = centred, members
-  else:
-    others = lax.all_gather(centred, axis_name, tiled=True)
-    other_members = members.gathered(axis_name)
-  gram = jnp.matmul(centred, others.T, precision=members.precision)
-  # One power of 2 for every device: the difference below compares global sums.
-  scale = _pow2_scale(pmax(jnp.max(jnp.abs(gram)), axis_name))
-  weighted = members.pair_weights(inv_counts * inv_counts, other_members) * (gram * (1.0 / scale))
-  frobenius = psum(jnp.sum(weighted * (gram * (1.0 / scale))), axis_name)
-  variances = psum(members.sums(centred * centred), axis_name) * inv_counts[:, None]
-  shrunk_variances = variances * (1.0 / scale)
-  difference = frobenius - jnp.sum(shrunk_variances * shrunk_variances)
-  # A sum of squares: a rounded difference below 0 is clamped; the gradient stays Table 1's.
-  value = (jnp.maximum(difference, 0.0) / divisor) * scale * scale
-  if not with_gradient:
-    return value, None
-  # ∂/∂x_n = 4 Σ_m a_nm ⟨x_n, x_m⟩ x_m − 4 (w_nk c^k_ii / W_k)_i ∘ x_n.
-  pairs = jnp.matmul(weighted, others, precision=members.precision) * scale
-  diagonal = members.scale_rows(inv_counts[:, None] * variances, centred)
-  return value, 4.0 * (pairs - diagonal)
+    The gradient (4 w_nk/W_k) Σ_{j≠i} c^k_ij (z_jn − μ^k_j) has no μ terms: each class's gradient is a
+    linear map of its centred activations, whose weighted sum is 0.
+    """
+    centred, inv_counts = _class_centred(members, z, axis_name)
+    mask = _off_diagonal_mask(z.shape[1], centred.dtype)
+    off_diagonal = psum(members.scatter(centred), axis_name) * (inv_counts[:, None, None] * mask)
+    scale = _pow2_scale(jnp.max(jnp.abs(off_diagonal)))  # Squares of entries near 1e19 would overflow.
+    shrunk = off_diagonal * (1.0 / scale)
+    value = (jnp.sum(shrunk * shrunk) / divisor) * scale * scale
+    if not with_gradient:
+        return value, None
+    return value, members.apply(4.0 * inv_counts, off_diagonal, centred)
 
 
-def _statistic(z: Array, arrays: dict[str, Array], axis_name: AxisName, with_gradient: bool, *, kind: str,
-               divisor: float, num_classes: int, one_class: bool,
-               precision: PrecisionLike) -> tuple[Array, Optional[Array]]:
-  """The statistic ``kind`` ('variance' or 'covariance') of z for the labels in ``arrays``.
+def _off_diagonal_by_gram(
+    members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool
+) -> tuple[Array, Optional[Array]]:
+    """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from same-class entries of the Gram matrix, and its gradient.
 
-  ``arrays`` holds 'weights' (N,) for one weighted class (``one_class``); 'ids' (N,) for integer labels;
-  or 'ids', 'weights' (N, K) and 'hard' for float labels, whose hard rows take the ids' path.
-  """
-  num_samples, num_units = z.shape[0] * axis_size(axis_name), z.shape[1]
+    ‖C_k‖²_F = (1/W_k²) Σ_{n,m} w_nk w_mk ⟨x_n, x_m⟩² with x the class-centred activations; the diagonal
+    Σ_k Σ_i (c^k_ii)² comes from per-class sums of squares (K×I, never K×I×I).
+    """
+    centred, inv_counts = _class_centred(members, z, axis_name)
+    if axis_size(axis_name) == 1:
+        others, other_members = centred, members
+    else:
+        others = lax.all_gather(centred, axis_name, tiled=True)
+        other_members = members.gathered(axis_name)
+    gram = jnp.matmul(centred, others.T, precision=members.precision)
+    # One power of 2 for every device: the difference below compares global sums.
+    scale = _pow2_scale(pmax(jnp.max(jnp.abs(gram)), axis_name))
+    weighted = members.pair_weights(inv_counts * inv_counts, other_members) * (gram * (1.0 / scale))
+    frobenius = psum(jnp.sum(weighted * (gram * (1.0 / scale))), axis_name)
+    variances = psum(members.sums(centred * centred), axis_name) * inv_counts[:, None]
+    shrunk_variances = variances * (1.0 / scale)
+    difference = frobenius - jnp.sum(shrunk_variances * shrunk_variances)
+    # A sum of squares: a rounded difference below 0 is clamped; the gradient stays Table 1's.
+    value = (jnp.maximum(difference, 0.0) / divisor) * scale * scale
+    if not with_gradient:
+        return value, None
+    # ∂/∂x_n = 4 Σ_m a_nm ⟨x_n, x_m⟩ x_m − 4 (w_nk c^k_ii / W_k)_i ∘ x_n.
+    pairs = jnp.matmul(weighted, others, precision=members.precision) * scale
+    diagonal = members.scale_rows(inv_counts[:, None] * variances, centred)
+    return value, 4.0 * (pairs - diagonal)
 
-  def form(classes: int):
-    if kind == 'variance':
-      return _variance_sum
-    gram = use_gram_form(num_samples, num_units, classes)
-    return _off_diagonal_by_gram if gram else _off_diagonal_by_covariance
 
-  def run(fn, members, z):
-    value, grad = fn(members, z, axis_name, divisor, with_gradient)
-    return (value, grad) if with_gradient else (value,)
+def _statistic(
+    z: Array,
+    arrays: dict[str, Array],
+    axis_name: AxisName,
+    with_gradient: bool,
+    *,
+    kind: str,
+    divisor: float,
+    num_classes: int,
+    one_class: bool,
+    precision: PrecisionLike,
+) -> tuple[Array, Optional[Array]]:
+    """The statistic ``kind`` ('variance' or 'covariance') of z for the labels in ``arrays``.
 
-  if one_class:
-    weights = arrays.get('weights')
-    if weights is not None:  # Masked rows may hold anything (even NaN): the products must not see them.
-      z = jnp.where(weights[:, None] > 0, z, 0)
-    return _pad(run(form(1), _OneClass(weights, z.shape[0], z.dtype, precision), z))
+    ``arrays`` holds 'weights' (N,) for one weighted class (``one_class``); 'ids' (N,) for integer labels;
+    or 'ids', 'weights' (N, K) and 'hard' for float labels, whose hard rows take the ids' path.
+    """
+    num_samples, num_units = z.shape[0] * axis_size(axis_name), z.shape[1]
 
-  def hard(z, arrays):
-    return run(form(num_classes), _HardClasses(arrays['ids'], num_classes, z.dtype, precision), z)
+    def form(classes: int):
+        if kind == 'variance':
+            return _variance_sum
+        gram = use_gram_form(num_samples, num_units, classes)
+        return _off_diagonal_by_gram if gram else _off_diagonal_by_covariance
 
-  def soft(z, arrays):
-    # Each class is one weighted class, centred at its own mean (exact, K times the work of hard labels).
-    weights = arrays['weights']
-    z = jnp.where(jnp.any(weights > 0, axis=1, keepdims=True), z, 0)  # rows of no class may hold NaN
-    one = lambda w: run(form(1), _OneClass(w, z.shape[0], z.dtype, precision), z)
-    # One class at a time: vmapped, the K-fold temporaries of this untaken branch were allocated on every
-    # call and slowed hard labels by up to 1.7× on XLA:CPU.
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), lax.map(one, weights.T))
+    def run(fn, members, z):
+        value, grad = fn(members, z, axis_name, divisor, with_gradient)
+        return (value, grad) if with_gradient else (value,)
 
-  if 'weights' not in arrays:
-    return _pad(hard(z, arrays))
-  # Float labels: one-hot and zero rows take the ids' path. The conditional costs a copy of z and of the
-  # gradient on XLA:CPU (up to ≈1.5× at wide layers): integer ids skip it.
-  return _pad(lax.cond(arrays['hard'], hard, soft, z, arrays))
+    if one_class:
+        weights = arrays.get('weights')
+        if weights is not None:  # Masked rows may hold anything (even NaN): the products must not see them.
+            z = jnp.where(weights[:, None] > 0, z, 0)
+        return _pad(run(form(1), _OneClass(weights, z.shape[0], z.dtype, precision), z))
+
+    def hard(z, arrays):
+        return run(form(num_classes), _HardClasses(arrays['ids'], num_classes, z.dtype, precision), z)
+
+    def soft(z, arrays):
+        # Each class is one weighted class, centred at its own mean (exact, K times the work of hard labels).
+        weights = arrays['weights']
+        z = jnp.where(jnp.any(weights > 0, axis=1, keepdims=True), z, 0)  # rows of no class may hold NaN
+        one = lambda w: run(form(1), _OneClass(w, z.shape[0], z.dtype, precision), z)
+        # One class at a time: vmapped, the K-fold temporaries of this untaken branch were allocated on every
+        # call and slowed hard labels by up to 1.7× on XLA:CPU.
+        return jax.tree.map(lambda x: jnp.sum(x, axis=0), lax.map(one, weights.T))
+
+    if 'weights' not in arrays:
+        return _pad(hard(z, arrays))
+    # Float labels: one-hot and zero rows take the ids' path. The conditional costs a copy of z and of the
+    # gradient on XLA:CPU (up to ≈1.5× at wide layers): integer ids skip it.
+    return _pad(lax.cond(arrays['hard'], hard, soft, z, arrays))
 
 
 def _pad(outputs: tuple) -> tuple[Array, Optional[Array]]:
-  return outputs if len(outputs) == 2 else (outputs[0], None)
+    return outputs if len(outputs) == 2 else (outputs[0], None)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3))
-def _with_table1_gradient(statistic: Callable[..., tuple[Array, Optional[Array]]], z: Array, arrays,
-                          axis_name: AxisName) -> Array:
-  """``statistic(z, arrays, axis_name, with_gradient=False)[0]``, differentiated with its own gradient.
+def _with_table1_gradient(
+    statistic: Callable[..., tuple[Array, Optional[Array]]], z: Array, arrays, axis_name: AxisName
+) -> Array:
+    """``statistic(z, arrays, axis_name, with_gradient=False)[0]``, differentiated with its own gradient.
 
-  ``statistic`` computes a global-batch value and, with ``with_gradient``, its closed-form gradient for
-  this device's z (Table 1's). Autodiff would also differentiate every product of the forward pass, the
-  class means included, whose share of the gradient is exactly 0. As a JVP rule the closed form serves
-  forward and reverse mode alike, and higher derivatives are autodiff of the rule. Labels get no
-  derivative.
-  """
-  return statistic(z, arrays, axis_name, with_gradient=False)[0]
+    ``statistic`` computes a global-batch value and, with ``with_gradient``, its closed-form gradient for
+    this device's z (Table 1's). Autodiff would also differentiate every product of the forward pass, the
+    class means included, whose share of the gradient is exactly 0. As a JVP rule the closed form serves
+    forward and reverse mode alike, and higher derivatives are autodiff of the rule. Labels get no
+    derivative.
+    """
+    return statistic(z, arrays, axis_name, with_gradient=False)[0]
 
 
 @_with_table1_gradient.defjvp
 def _with_table1_gradient_jvp(statistic, axis_name, primals, tangents):
-  (z, arrays), (z_dot, _) = primals, tangents
-  value, grad = statistic(z, arrays, axis_name, with_gradient=True)
-  return value, psum(jnp.sum(grad * z_dot), axis_name) / statistic.keywords['divisor']
+    (z, arrays), (z_dot, _) = primals, tangents
+    value, grad = statistic(z, arrays, axis_name, with_gradient=True)
+    return value, psum(jnp.sum(grad * z_dot), axis_name) / statistic.keywords['divisor']
 
 
 def _replicated(value: Array, axis_name: AxisName, grad_reduction: str) -> Array:
-  """Returns ``value`` (already global) with per-device gradients for ``grad_reduction``.
+    """Returns ``value`` (already global) with per-device gradients for ``grad_reduction``.
 
-  A device's loss adds the replicated Ω to its own task loss. Under ``jax.pmap``, and under
-  ``jax.shard_map`` with or without varying-axis checking, autodiff then hands each device D times its
-  slice of ∇Ω (psum transposes to psum there, and so does the implicit broadcast of the replicated Ω into
-  a varying loss). The pmean of the parameter gradients is then exact: 'pmean' keeps autodiff's gradient.
-  'psum' hands autodiff the share Ω/D, whose per-device gradient is the slice itself. The returned value
-  is ``value`` in both.
-  """
-  if axis_name is None or grad_reduction == 'pmean':
-    return value
-  share = value / axis_size(axis_name)
-  return lax.stop_gradient(value) + (share - lax.stop_gradient(share))
+    A device's loss adds the replicated Ω to its own task loss. Under ``jax.pmap``, and under
+    ``jax.shard_map`` with or without varying-axis checking, autodiff then hands each device D times its
+    slice of ∇Ω (psum transposes to psum there, and so does the implicit broadcast of the replicated Ω into
+    a varying loss). The pmean of the parameter gradients is then exact: 'pmean' keeps autodiff's gradient.
+    'psum' hands autodiff the share Ω/D, whose per-device gradient is the slice itself. The returned value
+    is ``value`` in both.
+    """
+    if axis_name is None or grad_reduction == 'pmean':
+        return value
+    share = value / axis_size(axis_name)
+    return lax.stop_gradient(value) + (share - lax.stop_gradient(share))
 
 
 def _check_options(name: str, grad_reduction: str) -> None:
-  if grad_reduction not in GRAD_REDUCTIONS:
-    raise ValueError(f'{name}: grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}.')
+    if grad_reduction not in GRAD_REDUCTIONS:
+        raise ValueError(f'{name}: grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}.')
 
 
 def _explicit_batch_axes(activations) -> Optional[tuple[Any, Any]]:
-  """(mesh, axes) when the batch dimension is sharded over mesh axes of explicit type, else None."""
-  sharding = getattr(jax.typeof(activations), 'sharding', None)
-  spec = getattr(sharding, 'spec', None)
-  if not spec or spec[0] is None:
-    return None
-  return sharding.mesh, spec[0]
+    """(mesh, axes) when the batch dimension is sharded over mesh axes of explicit type, else None."""
+    sharding = getattr(jax.typeof(activations), 'sharding', None)
+    spec = getattr(sharding, 'spec', None)
+    if not spec or spec[0] is None:
+        return None
+    return sharding.mesh, spec[0]
 
 
 def _on_global_batch(penalty: Callable[..., Array], activations, labels, where, **options) -> Array:
-  """``penalty`` of a batch sharded explicitly over mesh axes, computed per shard with global statistics.
+    """``penalty`` of a batch sharded explicitly over mesh axes, computed per shard with global statistics.
 
-  Under sharding in types, XLA cannot choose the output sharding of the per-class sums itself; mapping
-  the penalty over the batch's mesh axes with ``axis_name`` gives the global value and gradient.
-  """
-  mesh, axes = _explicit_batch_axes(activations)
-  inputs = {'activations': activations, 'labels': labels, 'where': where}
-  inputs = {k: v for k, v in inputs.items() if v is not None}
+    Under sharding in types, XLA cannot choose the output sharding of the per-class sums itself; mapping
+    the penalty over the batch's mesh axes with ``axis_name`` gives the global value and gradient.
+    """
+    mesh, axes = _explicit_batch_axes(activations)
+    inputs = {'activations': activations, 'labels': labels, 'where': where}
+    inputs = {k: v for k, v in inputs.items() if v is not None}
 
-  def per_shard(shard):
-    return penalty(shard['activations'], shard.get('labels'), where=shard.get('where'), axis_name=axes,
-                   **options)
+    def per_shard(shard):
+        return penalty(
+            shard['activations'], shard.get('labels'), where=shard.get('where'), axis_name=axes, **options
+        )
 
-  specs = ({k: PartitionSpec(axes) for k in inputs},)
-  return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=PartitionSpec())(inputs)
+    specs = ({k: PartitionSpec(axes) for k in inputs},)
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=specs, out_specs=PartitionSpec())(inputs)
 
 
-def _penalty(kind: str, class_wise: bool, name: str, activations, labels, num_classes, where, axis_name,
-             grad_reduction, precision) -> Array:
-  """Reads the inputs of penalty ``name`` and evaluates Ω with Table 1's gradient."""
-  _check_options(name, grad_reduction)
-  if axis_name is None and _explicit_batch_axes(activations) is not None:
-    options = dict(num_classes=num_classes, precision=precision) if class_wise else dict(precision=precision)
-    return _on_global_batch(PENALTIES[name], activations, labels, where, **options)
-  z = labels_lib.as_units(activations)
-  mask = labels_lib.as_mask(where, z.shape[0])
-  num_units = z.shape[1]
-  if class_wise:
-    read, num_classes = labels_lib.as_labels(labels, z.shape[0], num_classes, mask, name, z.dtype)
-    arrays = {'ids': read.ids}
-    if read.weights is not None:
-      arrays.update(weights=read.weights, hard=labels_lib.are_hard(read, axis_name))
-  else:
-    num_classes = 1
-    arrays = {} if mask is None else {'weights': mask.astype(z.dtype)}
-  if kind == 'covariance':
-    if num_units < 2:  # No pair of distinct units.
-      return _replicated(jnp.zeros((), z.dtype), axis_name, grad_reduction)
-    divisor = float(num_classes) * float(num_units) * float(num_units - 1)
-  else:
-    divisor = float(num_classes) * float(num_units)
-  statistic = functools.partial(_statistic, kind=kind, divisor=divisor, num_classes=num_classes,
-                                one_class=not class_wise, precision=precision)
-  value = _with_table1_gradient(statistic, z, arrays, axis_name)
-  return _replicated(value, axis_name, grad_reduction)
+def _penalty(
+    kind: str,
+    class_wise: bool,
+    name: str,
+    activations,
+    labels,
+    num_classes,
+    where,
+    axis_name,
+    grad_reduction,
+    precision,
+) -> Array:
+    """Reads the inputs of penalty ``name`` and evaluates Ω with Table 1's gradient."""
+    _check_options(name, grad_reduction)
+    if axis_name is None and _explicit_batch_axes(activations) is not None:
+        options = (
+            dict(num_classes=num_classes, precision=precision) if class_wise else dict(precision=precision)
+        )
+        return _on_global_batch(PENALTIES[name], activations, labels, where, **options)
+    z = labels_lib.as_units(activations)
+    mask = labels_lib.as_mask(where, z.shape[0])
+    num_units = z.shape[1]
+    if class_wise:
+        read, num_classes = labels_lib.as_labels(labels, z.shape[0], num_classes, mask, name, z.dtype)
+        arrays = {'ids': read.ids}
+        if read.weights is not None:
+            arrays.update(weights=read.weights, hard=labels_lib.are_hard(read, axis_name))
+    else:
+        num_classes = 1
+        arrays = {} if mask is None else {'weights': mask.astype(z.dtype)}
+    if kind == 'covariance':
+        if num_units < 2:  # No pair of distinct units.
+            return _replicated(jnp.zeros((), z.dtype), axis_name, grad_reduction)
+        divisor = float(num_classes) * float(num_units) * float(num_units - 1)
+    else:
+        divisor = float(num_classes) * float(num_units)
+    statistic = functools.partial(
+        _statistic,
+        kind=kind,
+        divisor=divisor,
+        num_classes=num_classes,
+        one_class=not class_wise,
+        precision=precision,
+    )
+    value = _with_table1_gradient(statistic, z, arrays, axis_name)
+    return _replicated(value, axis_name, grad_reduction)
 
 
 @jax.custom_jvp
 def _abs(x: Array) -> Array:
-  """|x| whose derivative is sign(x), 0 at 0 as in Table 1's L1R gradient (jax.grad(jnp.abs)(0.) is 1)."""
-  return jnp.abs(x)
+    """|x| whose derivative is sign(x), 0 at 0 as in Table 1's L1R gradient (jax.grad(jnp.abs)(0.) is 1)."""
+    return jnp.abs(x)
 
 
 @_abs.defjvp
 def _abs_jvp(primals, tangents):
-  (x,), (dx,) = primals, tangents
-  return jnp.abs(x), jnp.sign(x) * dx
+    (x,), (dx,) = primals, tangents
+    return jnp.abs(x), jnp.sign(x) * dx
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -556,141 +600,199 @@ _ARGS_DOC = """
   Returns:
     Scalar, float32 (float64 for float64 activations).{returns}
 """
-_CLASS_LABELS = ('integer class ids (N,) with ``num_classes``, one-hot rows (N, K) or non-negative '
-                 'per-class weights (N, K); ids outside [0, K) and all-zero rows are in no class.')
+_CLASS_LABELS = (
+    'integer class ids (N,) with ``num_classes``, one-hot rows (N, K) or non-negative '
+    'per-class weights (N, K); ids outside [0, K) and all-zero rows are in no class.'
+)
 _IGNORED_LABELS = 'ignored (accepted for a uniform signature); mask samples with ``where``.'
 
 
 def _document(labels: str, returns: str = ''):
-  def decorate(fn):
-    fn.__doc__ = fn.__doc__ + _ARGS_DOC.format(labels=labels, returns=returns)
-    return fn
-  return decorate
+    def decorate(fn):
+        fn.__doc__ = fn.__doc__ + _ARGS_DOC.format(labels=labels, returns=returns)
+        return fn
+
+    return decorate
 
 
 @_document(_IGNORED_LABELS, ' 0 when I = 1.')
-def cr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
-       where: Optional[chex.Array] = None, axis_name: AxisName = None, grad_reduction: str = 'pmean',
-       precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
-  r"""Covariance Regularizer (CR, = DeCov of Cogswell et al. 2016; Choi & Rhee, Table 1).
+def cr(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+    grad_reduction: str = 'pmean',
+    precision: PrecisionLike = DEFAULT_PRECISION,
+) -> Array:
+    r"""Covariance Regularizer (CR, = DeCov of Cogswell et al. 2016; Choi & Rhee, Table 1).
 
-  .. math::
-    Ω_{CR} = \frac{1}{I(I-1)} \sum_{i \ne j} c_{ij}^2, \quad
-    c_{ij} = \frac{1}{N} \sum_n (z_{in} - μ_i)(z_{jn} - μ_j)
+    .. math::
+      Ω_{CR} = \frac{1}{I(I-1)} \sum_{i \ne j} c_{ij}^2, \quad
+      c_{ij} = \frac{1}{N} \sum_n (z_{in} - μ_i)(z_{jn} - μ_j)
 
-  Example::
+    Example::
 
-    >>> import jax.numpy as jnp
-    >>> from cwreg import penalties
-    >>> z = jnp.array([[0., 1.], [2., 3.], [4., 2.]])
-    >>> float(penalties.cr(z))  # c_12 = 2/3
-    0.444444477558136
-"""
-  del labels, num_classes
-  return _penalty('covariance', False, 'cr', activations, None, None, where, axis_name, grad_reduction,
-                  precision)
-
-
-@_document(_CLASS_LABELS, ' Absent and single-sample classes contribute 0.')
-def cw_cr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
-          num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
-          axis_name: AxisName = None, grad_reduction: str = 'pmean',
-          precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
-  r"""Class-wise Covariance Regularizer (cw-CR; Choi & Rhee, eq. (7) and Table 1).
-
-  .. math::
-    Ω_{cw-CR} = \frac{1}{K I(I-1)} \sum_k \sum_{i \ne j} (c^k_{ij})^2, \quad
-    c^k_{ij} = \frac{\sum_n w_{nk} (z_{in} - μ^k_i)(z_{jn} - μ^k_j)}{\sum_n w_{nk}}
-
-  Example::
-
-    >>> import jax.numpy as jnp
-    >>> from cwreg import penalties
-    >>> z = jnp.array([[0., 1.], [2., 3.], [4., 1.], [9., 9.]])
-    >>> y = jnp.array([0, 0, 1, -1])  # −1: in no class
-    >>> float(penalties.cw_cr(z, y, num_classes=2))  # c^0_12 = 1; class 1 has one sample
-    0.5
-"""
-  return _penalty('covariance', True, 'cw_cr', activations, labels, num_classes, where, axis_name,
-                  grad_reduction, precision)
-
-
-@_document(_IGNORED_LABELS)
-def vr(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
-       where: Optional[chex.Array] = None, axis_name: AxisName = None, grad_reduction: str = 'pmean',
-       precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
-  r"""Variance Regularizer (VR; Choi & Rhee, Table 1).
-
-  .. math::
-    Ω_{VR} = \frac{1}{I} \sum_i v_i, \quad v_i = \frac{1}{N} \sum_n (z_{in} - μ_i)^2
-
-  Example::
-
-    >>> import jax.numpy as jnp
-    >>> from cwreg import penalties
-    >>> z = jnp.array([[0., 1.], [2., 3.], [7., 7.]])
-    >>> float(penalties.vr(z, where=jnp.array([True, True, False])))  # v = (1, 1)
-    1.0
-"""
-  del labels, num_classes
-  return _penalty('variance', False, 'vr', activations, None, None, where, axis_name, grad_reduction,
-                  precision)
+      >>> import jax.numpy as jnp
+      >>> from cwreg import penalties
+      >>> z = jnp.array([[0., 1.], [2., 3.], [4., 2.]])
+      >>> float(penalties.cr(z))  # c_12 = 2/3
+      0.444444477558136
+    """
+    del labels, num_classes
+    return _penalty(
+        'covariance', False, 'cr', activations, None, None, where, axis_name, grad_reduction, precision
+    )
 
 
 @_document(_CLASS_LABELS, ' Absent and single-sample classes contribute 0.')
-def cw_vr(activations: chex.Array, labels: Optional[chex.Array] = None, *,
-          num_classes: Optional[int] = None, where: Optional[chex.Array] = None,
-          axis_name: AxisName = None, grad_reduction: str = 'pmean',
-          precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
-  r"""Class-wise Variance Regularizer (cw-VR; Choi & Rhee, Table 1).
+def cw_cr(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+    grad_reduction: str = 'pmean',
+    precision: PrecisionLike = DEFAULT_PRECISION,
+) -> Array:
+    r"""Class-wise Covariance Regularizer (cw-CR; Choi & Rhee, eq. (7) and Table 1).
 
-  .. math::
-    Ω_{cw-VR} = \frac{1}{K I} \sum_k \sum_i v^k_i, \quad
-    v^k_i = \frac{\sum_n w_{nk} (z_{in} - μ^k_i)^2}{\sum_n w_{nk}}
+    .. math::
+      Ω_{cw-CR} = \frac{1}{K I(I-1)} \sum_k \sum_{i \ne j} (c^k_{ij})^2, \quad
+      c^k_{ij} = \frac{\sum_n w_{nk} (z_{in} - μ^k_i)(z_{jn} - μ^k_j)}{\sum_n w_{nk}}
 
-  Example::
+    Example::
 
-    >>> import jax.numpy as jnp
-    >>> from cwreg import penalties
-    >>> z = jnp.array([[0., 1.], [2., 3.], [4., 1.]])
-    >>> float(penalties.cw_vr(z, jnp.array([0, 0, 1]), num_classes=2))  # v^0 = (1, 1), v^1 = 0
-    0.5
-"""
-  return _penalty('variance', True, 'cw_vr', activations, labels, num_classes, where, axis_name,
-                  grad_reduction, precision)
+      >>> import jax.numpy as jnp
+      >>> from cwreg import penalties
+      >>> z = jnp.array([[0., 1.], [2., 3.], [4., 1.], [9., 9.]])
+      >>> y = jnp.array([0, 0, 1, -1])  # −1: in no class
+      >>> float(penalties.cw_cr(z, y, num_classes=2))  # c^0_12 = 1; class 1 has one sample
+      0.5
+    """
+    return _penalty(
+        'covariance',
+        True,
+        'cw_cr',
+        activations,
+        labels,
+        num_classes,
+        where,
+        axis_name,
+        grad_reduction,
+        precision,
+    )
 
 
 @_document(_IGNORED_LABELS)
-def l1r(activations: chex.Array, labels: Optional[chex.Array] = None, *, num_classes: Optional[int] = None,
-        where: Optional[chex.Array] = None, axis_name: AxisName = None, grad_reduction: str = 'pmean',
-        precision: PrecisionLike = DEFAULT_PRECISION) -> Array:
-  r"""L1 representation regularizer (L1R; Glorot et al. 2011; Choi & Rhee, Discussion).
+def vr(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+    grad_reduction: str = 'pmean',
+    precision: PrecisionLike = DEFAULT_PRECISION,
+) -> Array:
+    r"""Variance Regularizer (VR; Choi & Rhee, Table 1).
 
-  .. math:: Ω_{L1R} = \frac{1}{N I} \sum_n \sum_i |z_{in}|
+    .. math::
+      Ω_{VR} = \frac{1}{I} \sum_i v_i, \quad v_i = \frac{1}{N} \sum_n (z_{in} - μ_i)^2
 
-  Its class-wise counterpart is the same function (paper's Discussion). Example::
+    Example::
 
-    >>> import jax.numpy as jnp
-    >>> from cwreg import penalties
-    >>> float(penalties.l1r(jnp.array([[-1., 3.], [2., 0.]])))
-    1.5
-"""
-  del labels, num_classes, precision
-  _check_options('l1r', grad_reduction)
-  if axis_name is None and _explicit_batch_axes(activations) is not None:
-    return _on_global_batch(l1r, activations, None, where)
-  z = labels_lib.as_units(activations)
-  mask = labels_lib.as_mask(where, z.shape[0])
-  # Each term is divided by 2^⌈log2(N I)⌉ before the sum, exactly, so that the sum stays in range.
-  shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name) * z.shape[1])
-  if mask is None:
-    count = float(z.shape[0] * axis_size(axis_name))
-  else:
-    z = jnp.where(mask[:, None], z, 0)  # before |z|: its derivative at a masked NaN would be NaN
-    count = jnp.maximum(psum(jnp.sum(mask, dtype=z.dtype), axis_name), 1.0)
-  terms = _abs(z) * (1.0 / shrink)
-  value = (psum(jnp.sum(terms), axis_name) / (count * float(z.shape[1]))) * shrink
-  return _replicated(value, axis_name, grad_reduction)
+      >>> import jax.numpy as jnp
+      >>> from cwreg import penalties
+      >>> z = jnp.array([[0., 1.], [2., 3.], [7., 7.]])
+      >>> float(penalties.vr(z, where=jnp.array([True, True, False])))  # v = (1, 1)
+      1.0
+    """
+    del labels, num_classes
+    return _penalty(
+        'variance', False, 'vr', activations, None, None, where, axis_name, grad_reduction, precision
+    )
+
+
+@_document(_CLASS_LABELS, ' Absent and single-sample classes contribute 0.')
+def cw_vr(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+    grad_reduction: str = 'pmean',
+    precision: PrecisionLike = DEFAULT_PRECISION,
+) -> Array:
+    r"""Class-wise Variance Regularizer (cw-VR; Choi & Rhee, Table 1).
+
+    .. math::
+      Ω_{cw-VR} = \frac{1}{K I} \sum_k \sum_i v^k_i, \quad
+      v^k_i = \frac{\sum_n w_{nk} (z_{in} - μ^k_i)^2}{\sum_n w_{nk}}
+
+    Example::
+
+      >>> import jax.numpy as jnp
+      >>> from cwreg import penalties
+      >>> z = jnp.array([[0., 1.], [2., 3.], [4., 1.]])
+      >>> float(penalties.cw_vr(z, jnp.array([0, 0, 1]), num_classes=2))  # v^0 = (1, 1), v^1 = 0
+      0.5
+    """
+    return _penalty(
+        'variance',
+        True,
+        'cw_vr',
+        activations,
+        labels,
+        num_classes,
+        where,
+        axis_name,
+        grad_reduction,
+        precision,
+    )
+
+
+@_document(_IGNORED_LABELS)
+def l1r(
+    activations: chex.Array,
+    labels: Optional[chex.Array] = None,
+    *,
+    num_classes: Optional[int] = None,
+    where: Optional[chex.Array] = None,
+    axis_name: AxisName = None,
+    grad_reduction: str = 'pmean',
+    precision: PrecisionLike = DEFAULT_PRECISION,
+) -> Array:
+    r"""L1 representation regularizer (L1R; Glorot et al. 2011; Choi & Rhee, Discussion).
+
+    .. math:: Ω_{L1R} = \frac{1}{N I} \sum_n \sum_i |z_{in}|
+
+    Its class-wise counterpart is the same function (paper's Discussion). Example::
+
+      >>> import jax.numpy as jnp
+      >>> from cwreg import penalties
+      >>> float(penalties.l1r(jnp.array([[-1., 3.], [2., 0.]])))
+      1.5
+    """
+    del labels, num_classes, precision
+    _check_options('l1r', grad_reduction)
+    if axis_name is None and _explicit_batch_axes(activations) is not None:
+        return _on_global_batch(l1r, activations, None, where)
+    z = labels_lib.as_units(activations)
+    mask = labels_lib.as_mask(where, z.shape[0])
+    # Each term is divided by 2^⌈log2(N I)⌉ before the sum, exactly, so that the sum stays in range.
+    shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name) * z.shape[1])
+    if mask is None:
+        count = float(z.shape[0] * axis_size(axis_name))
+    else:
+        z = jnp.where(mask[:, None], z, 0)  # before |z|: its derivative at a masked NaN would be NaN
+        count = jnp.maximum(psum(jnp.sum(mask, dtype=z.dtype), axis_name), 1.0)
+    terms = _abs(z) * (1.0 / shrink)
+    value = (psum(jnp.sum(terms), axis_name) / (count * float(z.shape[1]))) * shrink
+    return _replicated(value, axis_name, grad_reduction)
 
 
 PENALTIES: Mapping[str, Penalty] = {
@@ -703,12 +805,13 @@ PENALTIES: Mapping[str, Penalty] = {
 
 
 def get_penalty(name: str) -> Penalty:
-  """Looks up a representation penalty by its registry name."""
-  try:
-    return PENALTIES[name]
-  except KeyError:
-    raise ValueError(
-        f'Unknown representation penalty {name!r}; valid names: {sorted(PENALTIES)}.') from None
+    """Looks up a representation penalty by its registry name."""
+    try:
+        return PENALTIES[name]
+    except KeyError:
+        raise ValueError(
+            f'Unknown representation penalty {name!r}; valid names: {sorted(PENALTIES)}.'
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -716,27 +819,27 @@ def get_penalty(name: str) -> Penalty:
 
 
 def _kernels(params: chex.ArrayTree) -> list[Array]:
-  """The 'kernel' leaves (Dense/Conv weight matrices); biases, BatchNorm scales and offsets don't count."""
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  return [leaf for path, leaf in leaves
-          if getattr(path[-1], 'key', getattr(path[-1], 'name', None)) == 'kernel']
+    """The 'kernel' leaves (Dense/Conv weight matrices); biases, BatchNorm scales and offsets don't count."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return [
+        leaf for path, leaf in leaves if getattr(path[-1], 'key', getattr(path[-1], 'name', None)) == 'kernel'
+    ]
 
 
 def l1w(params: chex.ArrayTree) -> Array:
-  r"""L1 weight penalty :math:`Σ_w |w|` over the 'kernel' leaves of a params pytree.
+    r"""L1 weight penalty :math:`Σ_w |w|` over the 'kernel' leaves of a params pytree.
 
-  Pass a subtree (e.g. ``params['layer5']``) to penalize one layer's weights, as in the paper.
-  """
-  return sum((jnp.sum(jnp.abs(w.astype(jnp.float32))) for w in _kernels(params)), jnp.zeros(()))
+    Pass a subtree (e.g. ``params['layer5']``) to penalize one layer's weights, as in the paper.
+    """
+    return sum((jnp.sum(jnp.abs(w.astype(jnp.float32))) for w in _kernels(params)), jnp.zeros(()))
 
 
 def l2w(params: chex.ArrayTree) -> Array:
-  r"""L2 weight penalty :math:`\frac{1}{2} Σ_w w^2` over the 'kernel' leaves (``tf.nn.l2_loss``).
+    r"""L2 weight penalty :math:`\frac{1}{2} Σ_w w^2` over the 'kernel' leaves (``tf.nn.l2_loss``).
 
-  Pass a subtree (e.g. ``params['layer5']``) to penalize one layer's weights, as in the paper.
-  """
-  return 0.5 * sum((jnp.sum(jnp.square(w.astype(jnp.float32))) for w in _kernels(params)),
-                   jnp.zeros(()))
+    Pass a subtree (e.g. ``params['layer5']``) to penalize one layer's weights, as in the paper.
+    """
+    return 0.5 * sum((jnp.sum(jnp.square(w.astype(jnp.float32))) for w in _kernels(params)), jnp.zeros(()))
 
 
 WEIGHT_PENALTIES: Mapping[str, Callable[[chex.ArrayTree], Array]] = {'l1w': l1w, 'l2w': l2w}

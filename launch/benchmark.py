@@ -13,26 +13,31 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('suite', 'penalties', ['penalties', 'train', 'epochs', 'sweep'], 'What to time.')
 flags.DEFINE_list('penalties', 'cr,cw_cr,vr,cw_vr,l1r', 'Penalties to time.')
-flags.DEFINE_string('baseline', None, 'A penalties.py to time beside ours (--suite=penalties), e.g. '
-                    '`git show REV:cwreg/penalties.py > /tmp/p.py`: the vs_baseline column is ours/baseline.')
+flags.DEFINE_string(
+    'baseline',
+    None,
+    'A penalties.py to time beside ours (--suite=penalties), e.g. '
+    '`git show REV:cwreg/penalties.py > /tmp/p.py`: the vs_baseline column is ours/baseline.',
+)
 flags.DEFINE_list('models', 'mnist_mlp,cifar_cnn', 'Models for --suite=train.')
 flags.DEFINE_integer('repeats', 7, 'Timed repetitions (medians are reported).')
 flags.DEFINE_integer('steps', 50, 'Steps per timed chunk (--suite=train).')
 flags.DEFINE_list('group_sizes', '1,6', 'Runs per vmapped group (--suite=sweep).')
-config_flags.DEFINE_config_file('config', 'configs/mnist_mlp.py:cw_vr', 'Run config (epochs, sweep).',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', 'configs/mnist_mlp.py:cw_vr', 'Run config (epochs, sweep).', lock_config=True
+)
 
 
 def main(argv):
     del argv
     from cwreg.experiments import bench
+
     if FLAGS.suite == 'penalties':
         baseline = bench.load_baseline(FLAGS.baseline) if FLAGS.baseline else None
         rows = bench.penalty_rows(names=FLAGS.penalties, repeats=FLAGS.repeats, baseline=baseline)
@@ -42,7 +47,9 @@ def main(argv):
         print(bench.format_table(rows, columns))
     elif FLAGS.suite == 'train':
         rows = bench.train_step_rows(FLAGS.models, FLAGS.penalties, steps=FLAGS.steps, repeats=FLAGS.repeats)
-        print(bench.format_table(rows, ['model', 'penalty', 'layer', 'ms_per_step', 'added_us', 'overhead_%']))
+        print(
+            bench.format_table(rows, ['model', 'penalty', 'layer', 'ms_per_step', 'added_us', 'overhead_%'])
+        )
     elif FLAGS.suite == 'epochs':
         rows = bench.epoch_rows(FLAGS.config, repeats=FLAGS.repeats)
         print(bench.format_table(rows, list(rows[0])))

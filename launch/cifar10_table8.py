@@ -21,44 +21,66 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('toy', False, 'Toy scale: the whole pipeline in minutes on a CPU (no result).')
-flags.DEFINE_string('source_dir', None, 'Original CIFAR-10 python batches (default: '
-                    '../shared/data/cifar10-partial beside the checkout); unused if --data_dir is prepared.')
-flags.DEFINE_string('data_dir', None, 'Where the subset is prepared (default: data/table8, or data/table8_toy).')
+flags.DEFINE_string(
+    'source_dir',
+    None,
+    'Original CIFAR-10 python batches (default: '
+    '../shared/data/cifar10-partial beside the checkout); unused if --data_dir is prepared.',
+)
+flags.DEFINE_string(
+    'data_dir', None, 'Where the subset is prepared (default: data/table8, or data/table8_toy).'
+)
 flags.DEFINE_string('work_dir', None, 'Sweep directories (default: workdirs/table8, or workdirs/table8_toy).')
 flags.DEFINE_string('out_dir', None, 'Where the tables go (default: <work_dir>/tables).')
 flags.DEFINE_list('columns', 'size1k,size5k', 'Table 8 data-size columns to run.')
 flags.DEFINE_list('regularizers', 'baseline,l1w,l2w,cr,cw_cr,vr,cw_vr,l1r', 'Regularizers (table rows).')
 flags.DEFINE_integer('max_group', 6, 'Runs trained together as one vmapped program.')
 flags.DEFINE_bool('prepare_only', False, 'Only prepare (or check) the subset and print its size.')
-flags.DEFINE_string('compilation_cache', None, "JAX's persistent compilation cache (default: "
-                    "<work_dir>/jax_cache; '' turns it off): a resumed sweep, and groups of equal shapes, "
-                    'reuse compiled programs.')
+flags.DEFINE_string(
+    'compilation_cache',
+    None,
+    "JAX's persistent compilation cache (default: "
+    "<work_dir>/jax_cache; '' turns it off): a resumed sweep, and groups of equal shapes, "
+    'reuse compiled programs.',
+)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError('Too many command-line arguments.')
     import tensorflow as tf
+
     tf.config.experimental.set_visible_devices([], 'GPU')
     from cwreg.experiments import table8
     from cwreg.training import loop
+
     cache = FLAGS.compilation_cache
     if cache is None:
-        cache = os.path.join(FLAGS.work_dir or (table8.DEFAULT_WORK_DIR + ('_toy' if FLAGS.toy else '')),
-                             'jax_cache')
+        cache = os.path.join(
+            FLAGS.work_dir or (table8.DEFAULT_WORK_DIR + ('_toy' if FLAGS.toy else '')), 'jax_cache'
+        )
     if cache and not FLAGS.prepare_only:
         import jax
+
         jax.config.update('jax_compilation_cache_dir', os.path.abspath(cache))
     loop.quiet_backend_probing()
-    loop.run_command(lambda: table8.main(
-        toy=FLAGS.toy, source_dir=FLAGS.source_dir or table8.DEFAULT_SOURCE_DIR, data_dir=FLAGS.data_dir,
-        work_dir=FLAGS.work_dir, out_dir=FLAGS.out_dir, scenarios=FLAGS.columns,
-        regularizers=FLAGS.regularizers, max_group=FLAGS.max_group, prepare_only=FLAGS.prepare_only))
+    loop.run_command(
+        lambda: table8.main(
+            toy=FLAGS.toy,
+            source_dir=FLAGS.source_dir or table8.DEFAULT_SOURCE_DIR,
+            data_dir=FLAGS.data_dir,
+            work_dir=FLAGS.work_dir,
+            out_dir=FLAGS.out_dir,
+            scenarios=FLAGS.columns,
+            regularizers=FLAGS.regularizers,
+            max_group=FLAGS.max_group,
+            prepare_only=FLAGS.prepare_only,
+        )
+    )
 
 
 if __name__ == '__main__':

@@ -13,13 +13,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', 'configs/mnist_mlp.py:default', 'Scenario config.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', 'configs/mnist_mlp.py:default', 'Scenario config.', lock_config=True
+)
 flags.DEFINE_string('sweep_dir', None, 'A finished sweep of the scenario (λ choices, final runs).')
 flags.DEFINE_string('layer_dir', None, 'Where the layer-dependency runs go (Figure 3); empty: skip.')
 flags.DEFINE_list('layers', [], 'Layers for Figure 3.')
@@ -34,15 +34,26 @@ flags.mark_flags_as_required(['sweep_dir'])
 def main(argv):
     del argv
     from cwreg.experiments import figures
+
     for path in figures.representation_figures(FLAGS.sweep_dir, FLAGS.out):
         print('wrote', path)
     if FLAGS.layer_dir and FLAGS.layers:
-        figures.run_layer_dependency(FLAGS.config, FLAGS.layer_dir, FLAGS.sweep_dir, FLAGS.regularizers,
-                                     FLAGS.layers, seeds=range(FLAGS.seeds))
+        figures.run_layer_dependency(
+            FLAGS.config,
+            FLAGS.layer_dir,
+            FLAGS.sweep_dir,
+            FLAGS.regularizers,
+            FLAGS.layers,
+            seeds=range(FLAGS.seeds),
+        )
         path = os.path.join(FLAGS.out, 'figure3.png')
-        results = figures.layer_dependency_figure(FLAGS.layer_dir, FLAGS.sweep_dir, path, FLAGS.layers,
-                                                  title=figures.figure3_title(FLAGS.layer_dir,
-                                                                              FLAGS.config.scenario))
+        results = figures.layer_dependency_figure(
+            FLAGS.layer_dir,
+            FLAGS.sweep_dir,
+            path,
+            FLAGS.layers,
+            title=figures.figure3_title(FLAGS.layer_dir, FLAGS.config.scenario),
+        )
         print('wrote', path, results)
 
 

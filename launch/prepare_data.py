@@ -13,29 +13,27 @@ for each dataset: see `cwreg.training.prepare.SOURCE_DESCRIPTIONS`.
 
 from collections.abc import Sequence
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from cwreg.training import prepare
 
 _DATASET = flags.DEFINE_enum('dataset', None, list(prepare.PREPARABLE), 'TFDS dataset name.')
 _SOURCE_DIR = flags.DEFINE_string(
-    'source_dir', None, 'Folder with the original files (e.g. the four MNIST IDX .gz files).')
+    'source_dir', None, 'Folder with the original files (e.g. the four MNIST IDX .gz files).'
+)
 _DATA_DIR = flags.DEFINE_string(
-    'data_dir', None, 'TFDS data dir to prepare into (default: $TFDS_DATA_DIR or '
-    '~/tensorflow_datasets).')
+    'data_dir', None, 'TFDS data dir to prepare into (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).'
+)
 flags.mark_flags_as_required(['dataset', 'source_dir'])
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  path = prepare.prepare_dataset(
-      _DATASET.value, source_dir=_SOURCE_DIR.value, data_dir=_DATA_DIR.value)
-  logging.info('Ready: %s', path)
-  print(f'{_DATASET.value} is prepared in {path}')
+    if len(argv) > 1:
+        raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    path = prepare.prepare_dataset(_DATASET.value, source_dir=_SOURCE_DIR.value, data_dir=_DATA_DIR.value)
+    logging.info('Ready: %s', path)
+    print(f'{_DATASET.value} is prepared in {path}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+    app.run(main)

@@ -33,15 +33,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from cwreg import names
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Scenario config (its regularizer is ignored).',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'Scenario config (its regularizer is ignored).', lock_config=True
+)
 flags.DEFINE_string('sweep_dir', None, 'Directory of the sweep (one sub-directory per run).')
 flags.DEFINE_list('regularizers', ','.join(names.SWEEP_REGULARIZERS), 'Regularizers to run.')
 flags.DEFINE_list('weights', ','.join(f'{w:g}' for w in names.WEIGHT_GRID), 'The λ grid of the select phase.')
@@ -55,14 +55,22 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError('Too many command-line arguments.')
     import tensorflow as tf
+
     tf.config.experimental.set_visible_devices([], 'GPU')
     from cwreg.experiments import sweep
     from cwreg.training import loop
+
     loop.quiet_backend_probing()
-    chosen = loop.run_command(lambda: sweep.run_sweep(
-        FLAGS.config, FLAGS.sweep_dir, regularizers=FLAGS.regularizers,
-        grid=[float(w) for w in FLAGS.weights],
-        protocol=sweep.Protocol.of(FLAGS.selection_seeds, FLAGS.final_seeds), max_group=FLAGS.max_group))
+    chosen = loop.run_command(
+        lambda: sweep.run_sweep(
+            FLAGS.config,
+            FLAGS.sweep_dir,
+            regularizers=FLAGS.regularizers,
+            grid=[float(w) for w in FLAGS.weights],
+            protocol=sweep.Protocol.of(FLAGS.selection_seeds, FLAGS.final_seeds),
+            max_group=FLAGS.max_group,
+        )
+    )
     print('Chosen λ:', ', '.join(f'{r}={w}' for r, w in chosen.items()))
 
 

@@ -61,8 +61,7 @@ def cw_vr(z, labels, num_classes):
 def cw_cr(z, labels, num_classes):
     """Ω_cw-CR = Σ_k Σ_{i≠j} (c^k_ij)² / (K I(I−1))."""
     units = z.shape[1]
-    return (_per_class(_off_diagonal_square_sum, z, labels, num_classes)
-            / (num_classes * units * (units - 1)))
+    return _per_class(_off_diagonal_square_sum, z, labels, num_classes) / (num_classes * units * (units - 1))
 
 
 def l1r(z, labels, num_classes):
@@ -85,6 +84,7 @@ def all_kernels(params):
 
 class Objective(NamedTuple):
     """One run's objective; `penalty`/`weight_penalty` are names above or None."""
+
     num_classes: int
     penalty: Any = None
     lam: float = 0.0
@@ -113,9 +113,11 @@ def objective(model, spec: Objective, params, images, labels):
 @functools.lru_cache(maxsize=None)
 def _compiled_gradient(model, names: Objective):
     """∇J̃ of objectives that differ only in their weights (λ, λ_w, wd): one compile for all of them."""
+
     def value(params, images, labels, lam, lam_w, weight_decay):
         spec = names._replace(lam=lam, lam_w=lam_w, weight_decay=weight_decay)
         return objective(model, spec, params, images, labels)
+
     return jax.jit(jax.grad(value))
 
 
@@ -131,35 +133,40 @@ _map = jax.tree.map
 
 
 def sgd(lr):
-    return (lambda params: None,
-            lambda g, state, step: (_map(lambda g: -lr(step) * g, g), None))
+    return (lambda params: None, lambda g, state, step: (_map(lambda g: -lr(step) * g, g), None))
 
 
 def momentum(lr, mu=0.9):
     """Heavy ball (TF's MomentumOptimizer): m ← μ m + g; w ← w − η m."""
+
     def update(g, m, step):
         m = _map(lambda m, g: mu * m + g, m, g)
         return _map(lambda m: -lr(step) * m, m), m
+
     return (lambda params: _map(jnp.zeros_like, params), update)
 
 
 def rmsprop(lr, decay=0.9, eps=1e-8):
     """ν ← ρ ν + (1−ρ) g²; w ← w − η g / √(ν + ε), ν starting at 0 (optax 0.2.8's defaults)."""
+
     def update(g, nu, step):
         nu = _map(lambda n, g: decay * n + (1 - decay) * g * g, nu, g)
         return _map(lambda g, n: -lr(step) * g / jnp.sqrt(n + eps), g, nu), nu
+
     return (lambda params: _map(jnp.zeros_like, params), update)
 
 
 def adam(lr, b1=0.9, b2=0.999, eps=1e-8):
     """Kingma & Ba with bias correction; ε outside the square root."""
+
     def update(g, state, step):
         m, v = state
         m = _map(lambda m, g: b1 * m + (1 - b1) * g, m, g)
         v = _map(lambda v, g: b2 * v + (1 - b2) * g * g, v, g)
         t = step + 1
-        delta = _map(lambda m, v: -lr(step) * (m / (1 - b1 ** t)) / (jnp.sqrt(v / (1 - b2 ** t)) + eps), m, v)
+        delta = _map(lambda m, v: -lr(step) * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps), m, v)
         return delta, (m, v)
+
     return (lambda params: (_map(jnp.zeros_like, params), _map(jnp.zeros_like, params)), update)
 
 
@@ -167,16 +174,18 @@ def constant(rate):
     return lambda step: rate
 
 
-def reference_training(model, spec: Objective, optimizer, params, images, labels, order, batch_size,
-                       num_steps, first_step=0):
+def reference_training(
+    model, spec: Objective, optimizer, params, images, labels, order, batch_size, num_steps, first_step=0
+):
     """`num_steps` steps on batches order[s·B:(s+1)·B]; returns the parameters after each step."""
     init, update = optimizer
     state = init(params)
     history = []
     for step in range(num_steps):
-        index = order[step * batch_size:(step + 1) * batch_size]
-        delta, state = update(gradient(model, spec, params, images[index], labels[index]), state,
-                              first_step + step)
+        index = order[step * batch_size : (step + 1) * batch_size]
+        delta, state = update(
+            gradient(model, spec, params, images[index], labels[index]), state, first_step + step
+        )
         params = _map(jnp.add, params, delta)
         history.append(params)
     return history

@@ -19,8 +19,9 @@ def test_train_step_rows_report_overheads_and_the_product_floor():
 
 
 def test_representation_width_is_the_number_of_units_of_the_layer():
-    import configs.mnist_mlp
     import configs.cifar10_cnn
+    import configs.mnist_mlp
+
     assert bench._representation_width(configs.mnist_mlp.get_config(''), (28, 28, 1), 'layer5') == 100
     cnn = configs.cifar10_cnn.get_config('')
     assert bench._representation_width(cnn, (32, 32, 3), 'fc') == 128
@@ -29,10 +30,15 @@ def test_representation_width_is_the_number_of_units_of_the_layer():
 
 def test_penalty_rows_time_both_label_forms_against_a_baseline(tmp_path):
     import pathlib
+
     source = pathlib.Path(bench.__file__).parent.parent / 'penalties.py'
     baseline = bench.load_baseline(str(source))
     rows = bench.penalty_rows(shapes=((8, 5, 3),), names=('cw_vr', 'vr'), repeats=2, baseline=baseline)
-    assert [(r['penalty'], r['labels']) for r in rows] == [('cw_vr', 'ids'), ('cw_vr', 'one-hot'), ('vr', 'ids')]
+    assert [(r['penalty'], r['labels']) for r in rows] == [
+        ('cw_vr', 'ids'),
+        ('cw_vr', 'one-hot'),
+        ('vr', 'ids'),
+    ]
     for row in rows:
         assert row['ours_ms'] > 0 and row['baseline_ms'] > 0 and math.isfinite(row['vs_baseline'])
         assert row['rel_diff'] < 1e-5

@@ -15,13 +15,14 @@ if REPO_ROOT not in sys.path:  # `configs` is a top-level package of the reposit
 from configs import cifar10_cnn, cifar100_cnn, default, mnist_autoencoder, mnist_mlp, resnet  # noqa: E402
 from cwreg import names, penalties  # noqa: E402
 
-CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO_ROOT, 'configs'))
-                 if f.endswith('.py') and f != '__init__.py')
+CONFIGS = sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO_ROOT, 'configs')) if f.endswith('.py') and f != '__init__.py'
+)
 HEAVY = ('tensorflow', 'tensorflow_datasets', 'orbax', 'clu', 'jax')
 
 # What `--config=configs/NAME.py:ARG` does (ml_collections' config_flags): load the file as a module, call
 # get_config(ARG); timed from before the first import.
-_LOAD = r'''
+_LOAD = r"""
 import importlib.util, json, sys, time
 start = time.perf_counter()
 name, arg = sys.argv[1], sys.argv[2]
@@ -32,15 +33,21 @@ config = module.get_config(arg) if arg else module.get_config()
 seconds = time.perf_counter() - start
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in json.loads(sys.argv[3]))
 print(json.dumps({'seconds': seconds, 'heavy': heavy, 'scenario': config.scenario}))
-'''
+"""
 
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_loading_a_config_imports_nothing_heavy_and_is_quick(name):
     arg = {'default': None, 'resnet': 'resnet32,cw_vr'}.get(name, 'cw_vr')
     env = dict(os.environ, PYTHONPATH=REPO_ROOT)
-    proc = subprocess.run([sys.executable, '-c', _LOAD, name, arg or '', json.dumps(HEAVY)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, '-c', _LOAD, name, arg or '', json.dumps(HEAVY)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert loaded['heavy'] == [], f'configs/{name}.py imports {loaded["heavy"]}'
@@ -48,10 +55,18 @@ def test_loading_a_config_imports_nothing_heavy_and_is_quick(name):
 
 
 def test_names_module_imports_nothing_heavy():
-    code = ('import sys, json; import cwreg.names; '
-            'print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in %r)))' % (HEAVY,))
-    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+    code = (
+        'import sys, json; import cwreg.names; '
+        'print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in %r)))' % (HEAVY,)
+    )
+    proc = subprocess.run(
+        [sys.executable, '-c', code],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
 

@@ -30,6 +30,7 @@ for path in (REPO_ROOT, TESTS_DIR):
         sys.path.insert(0, path)
 
 import test_train as tt  # noqa: E402  (its mock-data helpers; pytest collects only its own module's tests)
+
 from configs import cifar10_cnn, default, mnist_autoencoder, resnet  # noqa: E402
 from cwreg import names  # noqa: E402
 from cwreg.training import config as config_lib  # noqa: E402
@@ -47,8 +48,9 @@ def _images(n: int, shape=MNIST, seed: int = 0) -> jax.Array:
 def _apply_train(model, variables, x, rate, key, **kwargs):
     """model.apply in training mode: (outputs, sown intermediates, new batch_stats or None)."""
     mutable = ['intermediates'] + (['batch_stats'] if 'batch_stats' in variables else [])
-    out, state = model.apply(variables, x, train=True, dropout_rate=rate, rngs={'dropout': key},
-                             mutable=mutable, **kwargs)
+    out, state = model.apply(
+        variables, x, train=True, dropout_rate=rate, rngs={'dropout': key}, mutable=mutable, **kwargs
+    )
     return out, {k: v[0] for k, v in state['intermediates'].items()}, state.get('batch_stats')
 
 
@@ -77,7 +79,7 @@ def test_each_example_mask_depends_only_on_its_id():
     out = np.asarray(models.dropout(h, 0.5, key, ids))
     assert len({row.tobytes() for row in out}) == 6  # identical inputs, six different masks
     for n in range(6):
-        alone = models.dropout(h[n:n + 1], 0.5, key, ids[n:n + 1])
+        alone = models.dropout(h[n : n + 1], 0.5, key, ids[n : n + 1])
         np.testing.assert_array_equal(alone[0], out[n])
     perm = np.array([4, 2, 0, 5, 1, 3])
     np.testing.assert_array_equal(models.dropout(h[perm], 0.5, key, ids[perm]), out[perm])
@@ -104,8 +106,11 @@ def test_dropout_is_active_in_training_and_off_in_evaluation():
     np.testing.assert_array_equal(model.apply(variables, x), plain.apply(variables, x))
 
 
-@pytest.mark.parametrize('make', [lambda **kw: MLP(width=32, depth=2, **kw),
-                                  lambda **kw: CNN(fc_width=16, **kw)], ids=['mlp', 'cnn'])
+@pytest.mark.parametrize(
+    'make',
+    [lambda **kw: MLP(width=32, depth=2, **kw), lambda **kw: CNN(fc_width=16, **kw)],
+    ids=['mlp', 'cnn'],
+)
 def test_rate_zero_equals_no_dropout_bitwise_values_and_gradients(make):
     """Mutation caught: out = h * keep / (1 - rate + 1e-7) (a 'safe' division that rescales by ~1e-7)."""
     shape = MNIST if make().__class__ is MLP else (8, 8, 3)
@@ -115,8 +120,13 @@ def test_rate_zero_equals_no_dropout_bitwise_values_and_gradients(make):
 
     def loss(params, with_dropout):
         if with_dropout:
-            out = model.apply({'params': params}, x, train=True, dropout_rate=jnp.float32(0.0),
-                              rngs={'dropout': jax.random.key(3)})
+            out = model.apply(
+                {'params': params},
+                x,
+                train=True,
+                dropout_rate=jnp.float32(0.0),
+                rngs={'dropout': jax.random.key(3)},
+            )
         else:
             out = plain.apply({'params': params}, x, train=True)
         return jnp.sum(jnp.sin(out))
@@ -170,7 +180,7 @@ def test_batchnorm_evaluation_uses_running_averages():
     model, variables, x = _bn_mlp_after_a_step()
     out, state = model.apply(variables, x, mutable=['intermediates'])
     for n in range(len(x)):
-        np.testing.assert_allclose(model.apply(variables, x[n:n + 1])[0], out[n], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(model.apply(variables, x[n : n + 1])[0], out[n], rtol=1e-6, atol=1e-6)
     stats, params = variables['batch_stats']['bn1'], variables['params']['bn1']
     dense = x.reshape(8, -1) @ variables['params']['dense1']['kernel']
     expected = (dense - stats['mean']) / jnp.sqrt(stats['var'] + 1e-5) * params['scale'] + params['bias']
@@ -183,17 +193,24 @@ def test_batchnorm_evaluation_uses_running_averages():
 
 
 def _kernels_and_biases(params):
-    kernels = {'/'.join(str(k.key) for k in p[:-1]): v for p, v in jax.tree_util.tree_leaves_with_path(params)
-               if p[-1].key == 'kernel'}
+    kernels = {
+        '/'.join(str(k.key) for k in p[:-1]): v
+        for p, v in jax.tree_util.tree_leaves_with_path(params)
+        if p[-1].key == 'kernel'
+    }
     biases = [v for p, v in jax.tree_util.tree_leaves_with_path(params) if p[-1].key == 'bias']
     return kernels, biases
 
 
-@pytest.mark.parametrize('model,shape', [
-    (MLP(width=300, depth=2, kernel_init='glorot_uniform', bias_init=0.25), MNIST),
-    (CNN(fc_width=64, kernel_init='glorot_uniform', bias_init=0.25), (32, 32, 3)),
-    (models.Autoencoder(kernel_init='glorot_uniform', bias_init=0.25), MNIST),
-], ids=['mlp', 'cnn', 'autoencoder'])
+@pytest.mark.parametrize(
+    'model,shape',
+    [
+        (MLP(width=300, depth=2, kernel_init='glorot_uniform', bias_init=0.25), MNIST),
+        (CNN(fc_width=64, kernel_init='glorot_uniform', bias_init=0.25), (32, 32, 3)),
+        (models.Autoencoder(kernel_init='glorot_uniform', bias_init=0.25), MNIST),
+    ],
+    ids=['mlp', 'cnn', 'autoencoder'],
+)
 def test_glorot_uniform_has_tf_limit_and_variance_and_bias_init_is_constant(model, shape):
     """TF's glorot_uniform: U(-l, l), l = sqrt(6 / (fan_in + fan_out)), fans times the receptive field for
     convolutions; variance l² / 3. Mutations caught: fan_in only (LeCun uniform); a normal draw."""
@@ -217,8 +234,13 @@ def test_lecun_normal_default_and_batchnorm_layers_have_no_bias():
     w = np.asarray(params['dense1']['kernel'])
     np.testing.assert_allclose(w.var(), 1 / 784, rtol=0.02)
     assert np.abs(w).max() <= 2 / math.sqrt(784) / 0.87962566103423978 + 1e-6  # truncated at 2σ
-    bn = jax.jit(CNN(fc_width=8, batchnorm=True, bias_init=0.5).init)(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-    assert all('bias' not in bn['params'][f'Conv_{i}'] for i in range(1, 5)) and 'bias' not in bn['params']['Dense_fc']
+    bn = jax.jit(CNN(fc_width=8, batchnorm=True, bias_init=0.5).init)(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3))
+    )
+    assert (
+        all('bias' not in bn['params'][f'Conv_{i}'] for i in range(1, 5))
+        and 'bias' not in bn['params']['Dense_fc']
+    )
     np.testing.assert_array_equal(bn['params']['Dense_logits']['bias'], 0.5)
     np.testing.assert_array_equal(bn['params']['BatchNorm_fc']['bias'], 0.0)
 
@@ -232,7 +254,10 @@ def test_set_regularizer_turns_on_exactly_one_and_run_identity_reports_it():
     assert names.REGULARIZERS[:5] == ('baseline', 'l1w', 'l2w', 'dropout', 'batchnorm')
     names.set_regularizer(config, 'dropout', 0.3)
     assert (config.model.dropout, config.model.batchnorm, config.penalty.name) == (0.3, False, 'none')
-    assert registry.run_identity(config)['regularizer'] == 'dropout' and registry.regularizer_weight(config) == 0.3
+    assert (
+        registry.run_identity(config)['regularizer'] == 'dropout'
+        and registry.regularizer_weight(config) == 0.3
+    )
     names.set_regularizer(config, 'batchnorm', 0.0)
     assert (config.model.dropout, config.model.batchnorm) == (0.0, True)
     assert (registry.regularizer_name(config), registry.regularizer_weight(config)) == ('batchnorm', 0.0)
@@ -255,7 +280,11 @@ def test_model_from_config_builds_the_dropout_and_batchnorm_layers():
     config.model.dropout, config.model.batchnorm, config.model.kernel_init = 0.2, True, 'glorot_uniform'
     model = config_lib.model_from_config(config, 10)
     assert (model.dropout, model.batchnorm, model.bn_axis_name, model.kernel_init) == (
-        True, True, config_lib.AXIS, 'glorot_uniform')
+        True,
+        True,
+        config_lib.AXIS,
+        'glorot_uniform',
+    )
     assert config_lib.model_from_config(default.get_config(), 10) == MLP(width=100, depth=5)
     config = cifar10_cnn.get_config('cw_vr')
     config.model.bias_init = 0.1
@@ -264,10 +293,17 @@ def test_model_from_config_builds_the_dropout_and_batchnorm_layers():
     assert (model.dropout, model.batchnorm, model.bias_init) == (True, False, 0.1)
 
 
-@pytest.mark.parametrize('family,field,value', [
-    ('resnet', 'dropout', 0.5), ('resnet', 'batchnorm', True), ('resnet', 'kernel_init', 'glorot_uniform'),
-    ('resnet', 'bias_init', 0.1), ('autoencoder', 'dropout', 0.5), ('autoencoder', 'batchnorm', True),
-])
+@pytest.mark.parametrize(
+    'family,field,value',
+    [
+        ('resnet', 'dropout', 0.5),
+        ('resnet', 'batchnorm', True),
+        ('resnet', 'kernel_init', 'glorot_uniform'),
+        ('resnet', 'bias_init', 0.1),
+        ('autoencoder', 'dropout', 0.5),
+        ('autoencoder', 'batchnorm', True),
+    ],
+)
 def test_families_without_the_option_reject_it(family, field, value):
     config = {'resnet': resnet, 'autoencoder': mnist_autoencoder}[family].get_config('cw_vr')
     config.model[field] = value
@@ -330,8 +366,11 @@ def test_rate_zero_trains_bitwise_as_without_dropout(tmp_path, monkeypatch):
     assert built and all(m.dropout for m in built)
     for key in ('loss', 'error', 'penalty_value', 'steps'):
         assert dropped[key] == plain[key], key
-    jax.tree.map(np.testing.assert_array_equal, _final_state(str(tmp_path / 'rate0')),
-                 _final_state(str(tmp_path / 'plain')))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        _final_state(str(tmp_path / 'rate0')),
+        _final_state(str(tmp_path / 'plain')),
+    )
 
 
 def test_resumed_run_with_dropout_and_batchnorm_equals_the_uninterrupted_one(tmp_path, monkeypatch):
@@ -346,8 +385,9 @@ def test_resumed_run_with_dropout_and_batchnorm_equals_the_uninterrupted_one(tmp
         reference = loop.train_and_evaluate(_config(data_dir, num_epochs=2, **shaping), str(tmp_path / 'ref'))
         loop.train_and_evaluate(_config(data_dir, **shaping), str(tmp_path / 'run'))
         with tt._record_epochs(monkeypatch) as epochs:
-            resumed = loop.train_and_evaluate(_config(data_dir, num_epochs=2, steps_per_dispatch=10, **shaping),
-                                               str(tmp_path / 'run'))
+            resumed = loop.train_and_evaluate(
+                _config(data_dir, num_epochs=2, steps_per_dispatch=10, **shaping), str(tmp_path / 'run')
+            )
     assert epochs == [1]
     for key in ('loss', 'error', 'penalty_value', 'steps'):
         assert resumed[key] == reference[key], key
@@ -362,10 +402,14 @@ def test_group_of_dropout_rates_equals_the_runs_trained_one_by_one(tmp_path):
     Mutation caught: one rate (the first run's) for the whole group.
     """
     data_dir = str(tmp_path / 'tfds')
-    configs = [_config(data_dir, **{'model.dropout': 0.2, 'model.batchnorm': True}),
-               _config(data_dir, seed=1, **{'model.dropout': 0.6, 'model.batchnorm': True})]
+    configs = [
+        _config(data_dir, **{'model.dropout': 0.2, 'model.batchnorm': True}),
+        _config(data_dir, seed=1, **{'model.dropout': 0.6, 'model.batchnorm': True}),
+    ]
     with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
-        grouped = loop.train_group(configs, [str(tmp_path / f'g{i}') for i in range(2)], str(tmp_path / 'group'))
+        grouped = loop.train_group(
+            configs, [str(tmp_path / f'g{i}') for i in range(2)], str(tmp_path / 'group')
+        )
         separate = [loop.train_and_evaluate(c, str(tmp_path / f's{i}')) for i, c in enumerate(configs)]
     group_state = _final_state(str(tmp_path / 'group'))
     for r, (g, s) in enumerate(zip(grouped, separate)):
@@ -374,12 +418,15 @@ def test_group_of_dropout_rates_equals_the_runs_trained_one_by_one(tmp_path):
         np.testing.assert_allclose(g['loss'], s['loss'], rtol=1e-5)
         alone = _final_state(str(tmp_path / f's{r}'))
         for part in ('params', 'batch_stats'):
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(a[r], b[0], rtol=1e-5, atol=1e-6),
-                         group_state[part], alone[part])
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(a[r], b[0], rtol=1e-5, atol=1e-6),
+                group_state[part],
+                alone[part],
+            )
     assert grouped[0]['loss'] != grouped[1]['loss']
 
 
-_DEVICES_SCRIPT = textwrap.dedent('''
+_DEVICES_SCRIPT = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
     import jax
@@ -392,13 +439,21 @@ _DEVICES_SCRIPT = textwrap.dedent('''
     assert jax.device_count() == 4, jax.devices()
     with T.tt._mock_tfds(T.tt._NUM_TRAIN, T.tt._NUM_TEST):
         loop.train_and_evaluate(T._multidevice_config(sys.argv[2]), sys.argv[3])
-''')
+""")
 
 
 def _multidevice_config(data_dir: str) -> ml_collections.ConfigDict:
     """Dropout and batch norm, plain SGD (its update is the gradient), 6 steps in chunks of 4 and 2."""
-    return _config(data_dir, num_train_steps=6, **{'model.dropout': 0.4, 'model.batchnorm': True,
-                                                  'optimizer.name': 'sgd', 'optimizer.learning_rate': 0.1})
+    return _config(
+        data_dir,
+        num_train_steps=6,
+        **{
+            'model.dropout': 0.4,
+            'model.batchnorm': True,
+            'optimizer.name': 'sgd',
+            'optimizer.learning_rate': 0.1,
+        },
+    )
 
 
 def test_four_devices_train_as_one_with_dropout_and_batchnorm(tmp_path):
@@ -410,10 +465,21 @@ def test_four_devices_train_as_one_with_dropout_and_batchnorm(tmp_path):
     workdirs = {n: str(tmp_path / f'devices{n}') for n in (1, 4)}
     script = tmp_path / 'four_devices.py'
     script.write_text(_DEVICES_SCRIPT)
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4', JAX_PLATFORMS='cpu',
-               CUDA_VISIBLE_DEVICES='', PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
-    proc = subprocess.Popen([sys.executable, str(script), TESTS_DIR, str(tmp_path / 'tfds4'), workdirs[4]],
-                            cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        XLA_FLAGS='--xla_force_host_platform_device_count=4',
+        JAX_PLATFORMS='cpu',
+        CUDA_VISIBLE_DEVICES='',
+        PYTHONPATH=os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')]),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script), TESTS_DIR, str(tmp_path / 'tfds4'), workdirs[4]],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:  # the one-device run trains meanwhile
         config = _multidevice_config(str(tmp_path / 'tfds1'))
         with tt._mock_tfds(tt._NUM_TRAIN, tt._NUM_TEST):
@@ -427,13 +493,28 @@ def test_four_devices_train_as_one_with_dropout_and_batchnorm(tmp_path):
     np.testing.assert_allclose(four['loss'], one['loss'], rtol=1e-5)
     assert four['error'] == one['error']
     states = {n: tt._restore_checkpoint(w)['state'] for n, w in workdirs.items()}
-    initial = step_lib.initial_state(step_lib.Task.from_config(config, 10), config_lib.create_optimizer(config),
-                                  np.zeros((1, *MNIST), np.float32), config.seed)
-    for (path, p4), p1, p0 in zip(jax.tree_util.tree_leaves_with_path(states[4]['params']),
-                                  jax.tree.leaves(states[1]['params']), jax.tree.leaves(initial.params)):
+    initial = step_lib.initial_state(
+        step_lib.Task.from_config(config, 10),
+        config_lib.create_optimizer(config),
+        np.zeros((1, *MNIST), np.float32),
+        config.seed,
+    )
+    for (path, p4), p1, p0 in zip(
+        jax.tree_util.tree_leaves_with_path(states[4]['params']),
+        jax.tree.leaves(states[1]['params']),
+        jax.tree.leaves(initial.params),
+    ):
         update4, update1 = p4[0] - np.asarray(p0), p1[0] - np.asarray(p0)
         scale = np.abs(update1).max()
-        np.testing.assert_allclose(update4 / scale, update1 / scale, rtol=0, atol=1e-4,
-                                   err_msg=f'update of {jax.tree_util.keystr(path)}')
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 states[4]['batch_stats'], states[1]['batch_stats'])
+        np.testing.assert_allclose(
+            update4 / scale,
+            update1 / scale,
+            rtol=0,
+            atol=1e-4,
+            err_msg=f'update of {jax.tree_util.keystr(path)}',
+        )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        states[4]['batch_stats'],
+        states[1]['batch_stats'],
+    )

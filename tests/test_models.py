@@ -331,9 +331,7 @@ def test_resnet_batchnorm_train_updates_stats(resnet8):
 
     # Momentum 0.9: running = 0.9 * running + 0.1 * batch, checked on the stem BN against its conv output.
     kernel = variables['params']['stem_conv']['kernel']
-    conv = jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-    )
+    conv = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     batch_mean = conv.mean(axis=(0, 1, 2))
     batch_var = conv.var(axis=(0, 1, 2))
     new_stem = new_state['batch_stats']['stem_bn']
@@ -391,9 +389,9 @@ def test_resnet_jit_matches_eager(resnet8):
     model, variables = resnet8
     x = _images((N, SMALL, SMALL, 3), seed=8)
     eager, eager_state = model.apply(variables, x, train=True, mutable=['batch_stats'])
-    jitted, jit_state = jax.jit(
-        lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats'])
-    )(variables, x)
+    jitted, jit_state = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=['batch_stats']))(
+        variables, x
+    )
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(eager_state), jax.tree.leaves(jit_state)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -500,12 +498,15 @@ class _AutoencoderBefore(nn.Module):
         return recon
 
 
-@pytest.mark.parametrize('new,before,shape', [
-    (MLP(), _MLPBefore(), MNIST_SHAPE),
-    (MLP(width=7, depth=2, num_classes=3), _MLPBefore(width=7, depth=2, num_classes=3), MNIST_SHAPE),
-    (CNN(), _CNNBefore(), CIFAR_SHAPE),
-    (Autoencoder(), _AutoencoderBefore(), MNIST_SHAPE),
-])
+@pytest.mark.parametrize(
+    'new,before,shape',
+    [
+        (MLP(), _MLPBefore(), MNIST_SHAPE),
+        (MLP(width=7, depth=2, num_classes=3), _MLPBefore(width=7, depth=2, num_classes=3), MNIST_SHAPE),
+        (CNN(), _CNNBefore(), CIFAR_SHAPE),
+        (Autoencoder(), _AutoencoderBefore(), MNIST_SHAPE),
+    ],
+)
 def test_default_options_give_the_models_of_before_bitwise(new, before, shape):
     x = _images(shape, seed=5)
     variables = jax.jit(new.init)(jax.random.key(6), x)

@@ -36,16 +36,21 @@ for path in (REPO_ROOT, TESTS_DIR):  # `configs` and the reference module are no
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from configs import cifar100_cnn  # noqa: E402
-from configs import cifar10_cnn  # noqa: E402
-from configs import mnist_mlp  # noqa: E402
-from configs import resnet  # noqa: E402
-from cwreg.training import data as data_lib  # noqa: E402
-from cwreg.training import config as config_lib  # noqa: E402
-from cwreg.training import step as step_lib  # noqa: E402
-from cwreg.training import devices  # noqa: E402
-from cwreg.training import loop  # noqa: E402
 import objective_reference as ref  # noqa: E402
+
+from configs import (
+    cifar10_cnn,  # noqa: E402
+    cifar100_cnn,  # noqa: E402
+    mnist_mlp,  # noqa: E402
+    resnet,  # noqa: E402
+)
+from cwreg.training import config as config_lib  # noqa: E402
+from cwreg.training import data as data_lib  # noqa: E402
+from cwreg.training import (
+    devices,  # noqa: E402
+    loop,  # noqa: E402
+)
+from cwreg.training import step as step_lib  # noqa: E402
 
 NUM_CLASSES = 4
 BATCH = 10
@@ -55,9 +60,15 @@ RTOL = 1e-4  # of the largest |Δw| of a leaf
 # Helpers.
 
 
-def _config(optimizer: str = 'sgd', learning_rate: float = 0.1, penalty: str = 'none', lam: float = 0.0,
-            weight_penalty: str = 'none', lam_w: float = 0.0, weight_decay: float = 0.0,
-            ) -> ml_collections.ConfigDict:
+def _config(
+    optimizer: str = 'sgd',
+    learning_rate: float = 0.1,
+    penalty: str = 'none',
+    lam: float = 0.0,
+    weight_penalty: str = 'none',
+    lam_w: float = 0.0,
+    weight_decay: float = 0.0,
+) -> ml_collections.ConfigDict:
     """The MNIST MLP's config at width 8, depth 2 (layers layer1..layer3), every penalty on layer2."""
     config = mnist_mlp.get_config('baseline')
     config.model.width, config.model.depth = 8, 2
@@ -73,10 +84,16 @@ def _config(optimizer: str = 'sgd', learning_rate: float = 0.1, penalty: str = '
 def _spec(config: ml_collections.ConfigDict) -> ref.Objective:
     """The reference objective of `config` (layer2's representation is produced by params['dense2'])."""
     none = lambda name: None if name == 'none' else name
-    return ref.Objective(num_classes=NUM_CLASSES, penalty=none(config.penalty.name), lam=config.penalty.weight,
-                         layer='layer2', weight_penalty=none(config.weight_penalty.name),
-                         lam_w=config.weight_penalty.weight, weight_penalty_module='dense2',
-                         weight_decay=config.weight_decay)
+    return ref.Objective(
+        num_classes=NUM_CLASSES,
+        penalty=none(config.penalty.name),
+        lam=config.penalty.weight,
+        layer='layer2',
+        weight_penalty=none(config.weight_penalty.name),
+        lam_w=config.weight_penalty.weight,
+        weight_penalty_module='dense2',
+        weight_decay=config.weight_decay,
+    )
 
 
 def _data(num_examples: int = 40, seed: int = 0):
@@ -89,8 +106,9 @@ def _data(num_examples: int = 40, seed: int = 0):
 def _order_with_a_lopsided_first_batch(labels: np.ndarray, seed: int = 0) -> np.ndarray:
     """A permutation whose first batch holds classes 0, 0, 0, 0, 1, 1, 1, 1, 1, 2: class 2 a single sample
     and class 3 absent, so the class-wise penalties' per-class 1/|S_k| and 1/K both matter."""
-    first = np.concatenate([np.flatnonzero(labels == 0)[:4], np.flatnonzero(labels == 1)[:5],
-                            np.flatnonzero(labels == 2)[:1]])
+    first = np.concatenate(
+        [np.flatnonzero(labels == 0)[:4], np.flatnonzero(labels == 1)[:5], np.flatnonzero(labels == 2)[:1]]
+    )
     rest = np.random.default_rng(seed).permutation(np.setdiff1d(np.arange(len(labels)), first))
     return np.concatenate([first, rest]).astype(np.int32)
 
@@ -103,13 +121,17 @@ def _train_chunks(config, images, labels, order, chunks=(2,), seed=0):
     task = step_lib.Task.from_config(config, NUM_CLASSES)
     state = step_lib.initial_state(task, config_lib.create_optimizer(config), images, seed)
     params = jax.device_get(state.params)
-    weights = {'penalty': np.float32(config.penalty.weight),
-               'weight_penalty': np.float32(config.weight_penalty.weight)}
+    weights = {
+        'penalty': np.float32(config.penalty.weight),
+        'weight_penalty': np.float32(config.weight_penalty.weight),
+    }
     rng = jax.random.key_data(jax.random.key(seed))
     first_step = 0
     for count in chunks:
         chunk = devices.device_map(functools.partial(step_lib.train_chunk, task, count, config.batch_size))
-        state, _ = chunk(*devices.replicate((state, images, labels, order, np.int32(first_step), weights, rng)))
+        state, _ = chunk(
+            *devices.replicate((state, images, labels, order, np.int32(first_step), weights, rng))
+        )
         state = devices.unreplicate(state)
         first_step += count
     return task.model, params, jax.device_get(state.params)
@@ -117,8 +139,10 @@ def _train_chunks(config, images, labels, order, chunks=(2,), seed=0):
 
 def _relative_difference(actual, expected, start) -> float:
     """max over leaves of max|actual − expected| / max|expected − start|: error relative to the update."""
+
     def leaf(a, e, s):
         return float(np.max(np.abs(np.asarray(a) - e)) / max(np.max(np.abs(np.asarray(e) - s)), 1e-30))
+
     return max(jax.tree.leaves(jax.tree.map(leaf, actual, expected, start)))
 
 
@@ -133,6 +157,7 @@ def _balanced_weight(model, term: ref.Objective, params, images, labels) -> floa
     The penalties' values span orders of magnitude (cw-CR is ~1e-4 here); a weight that makes the term
     as strong as the loss is what lets a wrong factor on it show in the update.
     """
+
     def grads(objective):
         return ref.gradient(model, objective, params, images, labels)
 
@@ -165,8 +190,9 @@ def test_optimizer_steps_equal_the_hand_written_update(name):
     images, labels = _data()
     order = _order_with_a_lopsided_first_batch(labels)
     model, start, final = _train_chunks(config, images, labels, order, chunks=(2, 2))
-    expected = ref.reference_training(model, _spec(config), optimizer(learning_rate), start, images, labels,
-                                      order, BATCH, num_steps=4)[-1]
+    expected = ref.reference_training(
+        model, _spec(config), optimizer(learning_rate), start, images, labels, order, BATCH, num_steps=4
+    )[-1]
     _assert_same_update(final, expected, start)
 
 
@@ -199,8 +225,9 @@ def test_representation_penalty_enters_as_lambda_omega(penalty):
     expected = ref.reference_training(model, _spec(config), sgd, start, images, labels, order, BATCH, 2)[-1]
     _assert_same_update(final, expected, start)
     # The test can see ½λΩ: that objective's update is far outside the tolerance.
-    half = ref.reference_training(model, _spec(config)._replace(lam=lam / 2), sgd, start, images, labels,
-                                  order, BATCH, 2)[-1]
+    half = ref.reference_training(
+        model, _spec(config)._replace(lam=lam / 2), sgd, start, images, labels, order, BATCH, 2
+    )[-1]
     assert _relative_difference(half, expected, start) > 100 * RTOL
 
 
@@ -218,8 +245,9 @@ def test_weight_penalty_is_of_the_chosen_layers_kernel(weight_penalty):
     sgd = ref.sgd(ref.constant(0.1))
     expected = ref.reference_training(model, _spec(config), sgd, start, images, labels, order, BATCH, 2)[-1]
     _assert_same_update(final, expected, start)
-    double = ref.reference_training(model, _spec(config)._replace(lam_w=0.2), sgd, start, images, labels,
-                                    order, BATCH, 2)[-1]
+    double = ref.reference_training(
+        model, _spec(config)._replace(lam_w=0.2), sgd, start, images, labels, order, BATCH, 2
+    )[-1]
     assert _relative_difference(double, expected, start) > 100 * RTOL
 
 
@@ -235,8 +263,9 @@ def test_weight_decay_is_half_squared_norm_of_every_kernel():
     sgd = ref.sgd(ref.constant(0.1))
     expected = ref.reference_training(model, _spec(config), sgd, start, images, labels, order, BATCH, 2)[-1]
     _assert_same_update(final, expected, start)
-    double = ref.reference_training(model, _spec(config)._replace(weight_decay=0.2), sgd, start, images,
-                                    labels, order, BATCH, 2)[-1]
+    double = ref.reference_training(
+        model, _spec(config)._replace(weight_decay=0.2), sgd, start, images, labels, order, BATCH, 2
+    )[-1]
     assert _relative_difference(double, expected, start) > 100 * RTOL
 
 
@@ -264,7 +293,10 @@ def test_resnet_schedule_divides_the_rate_by_ten_after_32k_and_48k_steps():
     """
     config = resnet.get_config('resnet32')
     assert (config.optimizer.name, config.optimizer.learning_rate, config.optimizer.momentum) == (
-        'momentum', 0.1, 0.9)
+        'momentum',
+        0.1,
+        0.9,
+    )
     assert (config.num_train_steps, config.batch_size, config.weight_decay) == (64_000, 128, 1e-4)
     updates = _updates_for_unit_gradients(config, 64_000)
     t = np.arange(64_000)
@@ -272,15 +304,31 @@ def test_resnet_schedule_divides_the_rate_by_ten_after_32k_and_48k_steps():
     velocity = (1 - 0.9 ** (t + 1)) / (1 - 0.9)  # m_t = 0.9 m_{t−1} + 1
     np.testing.assert_allclose(updates, -rate * velocity, rtol=1e-5)
     # At and around the boundaries, spelled out (velocity = 10 there).
-    for step, expected_rate in [(0, 0.1), (31_998, 0.1), (31_999, 0.1), (32_000, 0.01), (32_001, 0.01),
-                                (47_999, 0.01), (48_000, 0.001), (48_001, 0.001), (63_999, 0.001)]:
+    for step, expected_rate in [
+        (0, 0.1),
+        (31_998, 0.1),
+        (31_999, 0.1),
+        (32_000, 0.01),
+        (32_001, 0.01),
+        (47_999, 0.01),
+        (48_000, 0.001),
+        (48_001, 0.001),
+        (63_999, 0.001),
+    ]:
         np.testing.assert_allclose(-updates[step] / velocity[step], expected_rate, rtol=1e-5, err_msg=step)
 
 
-@pytest.mark.parametrize('config', [
-    mnist_mlp.get_config('cw_vr'), cifar10_cnn.get_config('cw_vr'), cifar100_cnn.get_config('cw_vr'),
-    cifar10_cnn.get_config('cw_vr,momentum'), cifar10_cnn.get_config('cw_vr,rmsprop'),
-], ids=['mnist_mlp', 'cifar10_cnn', 'cifar100_cnn', 'cifar10_momentum', 'cifar10_rmsprop'])
+@pytest.mark.parametrize(
+    'config',
+    [
+        mnist_mlp.get_config('cw_vr'),
+        cifar10_cnn.get_config('cw_vr'),
+        cifar100_cnn.get_config('cw_vr'),
+        cifar10_cnn.get_config('cw_vr,momentum'),
+        cifar10_cnn.get_config('cw_vr,rmsprop'),
+    ],
+    ids=['mnist_mlp', 'cifar10_cnn', 'cifar100_cnn', 'cifar10_momentum', 'cifar10_rmsprop'],
+)
 def test_paper_configs_keep_their_constant_rate_of_1e_4(config):
     """The paper's MNIST/CIFAR protocol: a constant rate of 1e-4 (Adam; Momentum 0.9, RMSProp ρ 0.9) for 25k+
     steps (CIFAR-10: 50 epochs × 500).
@@ -310,7 +358,7 @@ def test_each_epoch_order_is_a_permutation_that_changes_every_epoch():
         np.testing.assert_array_equal(np.sort(order), np.arange(100))
     keys = list(orders)
     for i, a in enumerate(keys):
-        for b in keys[i + 1:]:
+        for b in keys[i + 1 :]:
             assert not np.array_equal(orders[a], orders[b]), (a, b)
     # A function of (seed, epoch) only: a resumed run replays the same epoch.
     np.testing.assert_array_equal(step_lib.epoch_order(1, 3, 100), orders[1, 3])
@@ -327,8 +375,12 @@ def test_training_follows_each_epochs_order_and_evaluation_ignores_the_padding(t
     """
     images, labels = _data(40, seed=0)
     test_images, test_labels = _data(23, seed=1)
-    dataset = data_lib.Dataset(train=data_lib.Split(images, labels), eval=data_lib.Split(test_images, test_labels),
-                               num_classes=NUM_CLASSES, name='mnist')
+    dataset = data_lib.Dataset(
+        train=data_lib.Split(images, labels),
+        eval=data_lib.Split(test_images, test_labels),
+        num_classes=NUM_CLASSES,
+        name='mnist',
+    )
     monkeypatch.setattr(loop, 'load_data', lambda config: dataset)  # the data source is not under test
     config = _config('momentum', 0.05, penalty='cw_vr', lam=1.0)
     config.dataset.train_size = 0
@@ -342,12 +394,15 @@ def test_training_follows_each_epochs_order_and_evaluation_ignores_the_padding(t
     model = config_lib.model_from_config(config, NUM_CLASSES)
     start = model.init(jax.random.key(config.seed), images[:1])['params']  # initial_state's documented init
     momentum = ref.momentum(ref.constant(0.05), mu=0.9)
-    epochs = np.concatenate([step_lib.epoch_order(config.seed, 0, 40), step_lib.epoch_order(config.seed, 1, 40)])
+    epochs = np.concatenate(
+        [step_lib.epoch_order(config.seed, 0, 40), step_lib.epoch_order(config.seed, 1, 40)]
+    )
     expected = ref.reference_training(model, _spec(config), momentum, start, images, labels, epochs, BATCH, 8)
     _assert_same_update(final, expected[-1], start)
     same_order = np.tile(epochs[:40], 2)
-    repeated = ref.reference_training(model, _spec(config), momentum, start, images, labels, same_order, BATCH,
-                                      8)
+    repeated = ref.reference_training(
+        model, _spec(config), momentum, start, images, labels, same_order, BATCH, 8
+    )
     assert _relative_difference(repeated[-1], expected[-1], start) > 100 * RTOL
 
     logits = model.apply({'params': final}, test_images)
@@ -360,7 +415,7 @@ def test_training_follows_each_epochs_order_and_evaluation_ignores_the_padding(t
 # ------------------------------------------------------------------------------------------------------------
 # 5. Two devices: the step equals one reference step on the whole global batch.
 
-_TWO_DEVICE_SCRIPT = textwrap.dedent('''
+_TWO_DEVICE_SCRIPT = textwrap.dedent("""
     import functools, sys
     import jax
     import numpy as np
@@ -380,7 +435,7 @@ _TWO_DEVICE_SCRIPT = textwrap.dedent('''
     expected = ref.reference_training(model, t._spec(config), ref.sgd(ref.constant(0.1)), start, images, labels,
                                       order, t.BATCH, 2)[-1]
     print(t._relative_difference(final, expected, start))
-''')
+""")
 
 
 @pytest.mark.slow  # ~10 s: a second Python with TensorFlow and a pmap compile
@@ -392,10 +447,15 @@ def test_two_devices_step_on_their_shares_of_the_global_objective(tmp_path):
     """
     script = tmp_path / 'two_devices.py'
     script.write_text(_TWO_DEVICE_SCRIPT)
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu',
-               PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO_ROOT, os.environ.get('PYTHONPATH', '')]))
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        XLA_FLAGS='--xla_force_host_platform_device_count=2',
+        JAX_PLATFORMS='cpu',
+        PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO_ROOT, os.environ.get('PYTHONPATH', '')]),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     error = float(proc.stdout.strip().splitlines()[-1])
     assert error <= RTOL, f'2-device parameters differ from the reference by {error:.2e} of the update'

@@ -37,41 +37,41 @@ SHAPES = ((40, 4, 3), (12, 30, 3))
 
 @contextlib.contextmanager
 def _branch(branch: str):
-  """'cpu' leaves lax.platform_dependent alone; 'default' forces its default (accelerator) branch."""
-  if branch == 'cpu':
-    yield
-    return
-  original = penalties.lax.platform_dependent
+    """'cpu' leaves lax.platform_dependent alone; 'default' forces its default (accelerator) branch."""
+    if branch == 'cpu':
+        yield
+        return
+    original = penalties.lax.platform_dependent
 
-  def default_only(*args, default, **platforms):
-    del platforms
-    return default(*args)
+    def default_only(*args, default, **platforms):
+        del platforms
+        return default(*args)
 
-  penalties.lax.platform_dependent = default_only
-  try:
-    yield
-  finally:
-    penalties.lax.platform_dependent = original
+    penalties.lax.platform_dependent = default_only
+    try:
+        yield
+    finally:
+        penalties.lax.platform_dependent = original
 
 
 def _value_and_grad(name, x, labels=None, **kwargs):
-  fn = lambda a, b: getattr(penalties, name)(a, b, **kwargs)
-  labels = None if labels is None else jnp.asarray(labels)
-  value, grad = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x), labels)
-  return float(value), np.asarray(grad)
+    fn = lambda a, b: getattr(penalties, name)(a, b, **kwargs)
+    labels = None if labels is None else jnp.asarray(labels)
+    value, grad = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x), labels)
+    return float(value), np.asarray(grad)
 
 
 def _batch(n, i, k, seed=0):
-  rng = np.random.default_rng(seed)
-  x = (np.maximum(rng.normal(size=(n, i)), 0.0) + rng.normal(size=(1, i))).astype(np.float32)
-  ids = rng.integers(0, k, size=n)
-  return x, ids
+    rng = np.random.default_rng(seed)
+    x = (np.maximum(rng.normal(size=(n, i)), 0.0) + rng.normal(size=(1, i))).astype(np.float32)
+    ids = rng.integers(0, k, size=n)
+    return x, ids
 
 
 def _assert_close(value, grad, expected_value, expected_grad, err=''):
-  np.testing.assert_allclose(value, expected_value, rtol=1e-5, atol=1e-7, err_msg=f'value {err}')
-  atol = 1e-5 * float(np.max(np.abs(expected_grad))) + 1e-12
-  np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=atol, err_msg=f'gradient {err}')
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5, atol=1e-7, err_msg=f'value {err}')
+    atol = 1e-5 * float(np.max(np.abs(expected_grad))) + 1e-12
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=atol, err_msg=f'gradient {err}')
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,149 +82,163 @@ def _assert_close(value, grad, expected_value, expected_grad, err=''):
 @pytest.mark.parametrize('shape', SHAPES)
 @pytest.mark.parametrize('name', CLASS_WISE)
 def test_integer_ids_equal_one_hot_and_the_oracle(name, shape, branch):
-  n, i, k = shape
-  x, ids = _batch(n, i, k)
-  one_hot = np.eye(k, dtype=np.float32)[ids]
-  with _branch(branch):
-    by_ids = _value_and_grad(name, x, ids.astype(np.int32), num_classes=k)
-    by_one_hot = _value_and_grad(name, x, one_hot)
-    by_bool = _value_and_grad(name, x, one_hot.astype(bool))
-  for result in (by_ids, by_one_hot, by_bool):
-    _assert_close(*result, ref.VALUES[name](x, one_hot), ref.GRADS[name](x, one_hot))
+    n, i, k = shape
+    x, ids = _batch(n, i, k)
+    one_hot = np.eye(k, dtype=np.float32)[ids]
+    with _branch(branch):
+        by_ids = _value_and_grad(name, x, ids.astype(np.int32), num_classes=k)
+        by_one_hot = _value_and_grad(name, x, one_hot)
+        by_bool = _value_and_grad(name, x, one_hot.astype(bool))
+    for result in (by_ids, by_one_hot, by_bool):
+        _assert_close(*result, ref.VALUES[name](x, one_hot), ref.GRADS[name](x, one_hot))
 
 
-@pytest.mark.parametrize('weights, hard', [
-    (np.eye(3)[[0, 2, 1, 1]], True),
-    (np.eye(3)[[0, 2, 1, 1]].astype(bool), True),
-    (np.asarray(jax.nn.one_hot(np.array([0, -1, 2, 5]), 3)), True),  # zero rows: no class
-    (np.array([[0.7, 0.3, 0], [0, 1, 0]]), False),                  # mixup
-    (np.array([[2.0, 0, 0], [0, 1, 0]]), False),                    # not one-hot
-    (np.array([[1.0, 1.0, 0], [0, 1, 0]]), False),                  # two classes at weight 1
-])
+@pytest.mark.parametrize(
+    'weights, hard',
+    [
+        (np.eye(3)[[0, 2, 1, 1]], True),
+        (np.eye(3)[[0, 2, 1, 1]].astype(bool), True),
+        (np.asarray(jax.nn.one_hot(np.array([0, -1, 2, 5]), 3)), True),  # zero rows: no class
+        (np.array([[0.7, 0.3, 0], [0, 1, 0]]), False),  # mixup
+        (np.array([[2.0, 0, 0], [0, 1, 0]]), False),  # not one-hot
+        (np.array([[1.0, 1.0, 0], [0, 1, 0]]), False),  # two classes at weight 1
+    ],
+)
 def test_hard_rows_are_recognized(weights, hard):
-  """One-hot and zero rows take the hard-label path (K times cheaper than weights); others do not."""
-  from cwreg import labels as labels_lib
-  read, _ = labels_lib.as_labels(jnp.asarray(weights), len(weights), None, None, 'cw_vr', jnp.float32)
-  assert bool(labels_lib.are_hard(read, None)) == hard
+    """One-hot and zero rows take the hard-label path (K times cheaper than weights); others do not."""
+    from cwreg import labels as labels_lib
+
+    read, _ = labels_lib.as_labels(jnp.asarray(weights), len(weights), None, None, 'cw_vr', jnp.float32)
+    assert bool(labels_lib.are_hard(read, None)) == hard
 
 
 def _padded(x, ids, k, pad, fill):
-  """The batch plus `pad` rows of garbage; returns activations, ids with −1 there, and the mask."""
-  rng = np.random.default_rng(1)
-  garbage = np.full((pad, x.shape[1]), fill, np.float32) if fill is not None else (
-      1e3 * rng.normal(size=(pad, x.shape[1]))).astype(np.float32)
-  rows = np.concatenate([x, garbage])
-  order = rng.permutation(len(rows))  # padding interleaved, not only at the end
-  padded_ids = np.concatenate([ids, -np.ones(pad, int)])[order]
-  where = np.concatenate([np.ones(len(x), bool), np.zeros(pad, bool)])[order]
-  return rows[order], padded_ids, where, order
+    """The batch plus `pad` rows of garbage; returns activations, ids with −1 there, and the mask."""
+    rng = np.random.default_rng(1)
+    garbage = (
+        np.full((pad, x.shape[1]), fill, np.float32)
+        if fill is not None
+        else (1e3 * rng.normal(size=(pad, x.shape[1]))).astype(np.float32)
+    )
+    rows = np.concatenate([x, garbage])
+    order = rng.permutation(len(rows))  # padding interleaved, not only at the end
+    padded_ids = np.concatenate([ids, -np.ones(pad, int)])[order]
+    where = np.concatenate([np.ones(len(x), bool), np.zeros(pad, bool)])[order]
+    return rows[order], padded_ids, where, order
 
 
 @pytest.mark.parametrize('branch', ['cpu', 'default'])
 @pytest.mark.parametrize('shape', SHAPES)
 @pytest.mark.parametrize('name', NAMES)
 def test_padding_ids_zero_rows_and_where_give_the_unpadded_penalty(name, shape, branch):
-  n, i, k = shape
-  x, ids = _batch(n, i, k)
-  one_hot = np.eye(k, dtype=np.float32)[ids]
-  expected_value, expected_grad = ref.VALUES[name](x, one_hot), ref.GRADS[name](x, one_hot)
-  for fill in (None, np.nan):  # random garbage, and NaN in the padded rows
-    z, padded_ids, where, order = _padded(x, ids, k, pad=5, fill=fill)
-    zero_rows = np.asarray(jax.nn.one_hot(padded_ids, k))  # all-zero rows where the id is −1
-    calls = {'where': dict(labels=np.where(where, padded_ids, 0).astype(np.int32), num_classes=k,
-                           where=jnp.asarray(where))}
-    if name in CLASS_WISE:
-      calls['ids -1'] = dict(labels=padded_ids.astype(np.int32), num_classes=k)
-      calls['one_hot(-1)'] = dict(labels=zero_rows)
-      calls['where + one-hot'] = dict(labels=np.eye(k, dtype=np.float32)[np.where(where, padded_ids, 0)],
-                                      where=jnp.asarray(where))
-    inverse = np.argsort(order)
-    for how, kwargs in calls.items():
-      labels = kwargs.pop('labels')
-      with _branch(branch):
-        value, grad = _value_and_grad(name, z, labels, **kwargs)
-      grad = grad[inverse]  # back to [batch rows, padded rows]
-      err = f'({how}, fill={fill}, {branch})'
-      _assert_close(value, grad[:n], expected_value, expected_grad, err)
-      np.testing.assert_array_equal(grad[n:], 0.0, err_msg=f'padded rows get a gradient {err}')
+    n, i, k = shape
+    x, ids = _batch(n, i, k)
+    one_hot = np.eye(k, dtype=np.float32)[ids]
+    expected_value, expected_grad = ref.VALUES[name](x, one_hot), ref.GRADS[name](x, one_hot)
+    for fill in (None, np.nan):  # random garbage, and NaN in the padded rows
+        z, padded_ids, where, order = _padded(x, ids, k, pad=5, fill=fill)
+        zero_rows = np.asarray(jax.nn.one_hot(padded_ids, k))  # all-zero rows where the id is −1
+        calls = {
+            'where': dict(
+                labels=np.where(where, padded_ids, 0).astype(np.int32),
+                num_classes=k,
+                where=jnp.asarray(where),
+            )
+        }
+        if name in CLASS_WISE:
+            calls['ids -1'] = dict(labels=padded_ids.astype(np.int32), num_classes=k)
+            calls['one_hot(-1)'] = dict(labels=zero_rows)
+            calls['where + one-hot'] = dict(
+                labels=np.eye(k, dtype=np.float32)[np.where(where, padded_ids, 0)], where=jnp.asarray(where)
+            )
+        inverse = np.argsort(order)
+        for how, kwargs in calls.items():
+            labels = kwargs.pop('labels')
+            with _branch(branch):
+                value, grad = _value_and_grad(name, z, labels, **kwargs)
+            grad = grad[inverse]  # back to [batch rows, padded rows]
+            err = f'({how}, fill={fill}, {branch})'
+            _assert_close(value, grad[:n], expected_value, expected_grad, err)
+            np.testing.assert_array_equal(grad[n:], 0.0, err_msg=f'padded rows get a gradient {err}')
 
 
 def test_measured_bug_one_hot_minus_one_rows_no_longer_join_class_zero():
-  """The issue's measurement: cw_vr of a batch padded with 5 one_hot(−1) rows was 0.832, not 0.596."""
-  x, ids = _batch(20, 6, 4, seed=3)
-  z, padded_ids, _, _ = _padded(x, ids, 4, pad=5, fill=0.0)
-  one_hot = np.asarray(jax.nn.one_hot(padded_ids, 4))
-  assert np.all(one_hot.sum(1)[padded_ids < 0] == 0)
-  for branch in ('cpu', 'default'):
-    with _branch(branch):
-      value = float(jax.jit(penalties.cw_vr)(jnp.asarray(z), jnp.asarray(one_hot)))
-    np.testing.assert_allclose(value, ref.cw_vr(x, np.eye(4)[ids]), rtol=1e-5)
+    """The issue's measurement: cw_vr of a batch padded with 5 one_hot(−1) rows was 0.832, not 0.596."""
+    x, ids = _batch(20, 6, 4, seed=3)
+    z, padded_ids, _, _ = _padded(x, ids, 4, pad=5, fill=0.0)
+    one_hot = np.asarray(jax.nn.one_hot(padded_ids, 4))
+    assert np.all(one_hot.sum(1)[padded_ids < 0] == 0)
+    for branch in ('cpu', 'default'):
+        with _branch(branch):
+            value = float(jax.jit(penalties.cw_vr)(jnp.asarray(z), jnp.asarray(one_hot)))
+        np.testing.assert_allclose(value, ref.cw_vr(x, np.eye(4)[ids]), rtol=1e-5)
 
 
 def _weighted_reference(name: str, z: np.ndarray, w: np.ndarray) -> float:
-  """Float64 weighted statistics: μ^k = Σ w z / Σ w, c^k = Σ w (z − μ^k)(z − μ^k)ᵀ / Σ w."""
-  z, w = np.asarray(z, np.float64), np.asarray(w, np.float64)
-  num_classes, num_units = w.shape[1], z.shape[1]
-  total = 0.0
-  for k in range(num_classes):
-    weight = w[:, k].sum()
-    if weight == 0:
-      continue
-    centred = z - (w[:, k] @ z) / weight
-    covariance = (w[:, k, None] * centred).T @ centred / weight
-    if name == 'cw_cr':
-      total += np.sum(covariance ** 2) - np.sum(np.diag(covariance) ** 2)
-    else:
-      total += np.trace(covariance)
-  pairs = num_units * (num_units - 1) if name == 'cw_cr' else num_units
-  return total / (num_classes * pairs)
+    """Float64 weighted statistics: μ^k = Σ w z / Σ w, c^k = Σ w (z − μ^k)(z − μ^k)ᵀ / Σ w."""
+    z, w = np.asarray(z, np.float64), np.asarray(w, np.float64)
+    num_classes, num_units = w.shape[1], z.shape[1]
+    total = 0.0
+    for k in range(num_classes):
+        weight = w[:, k].sum()
+        if weight == 0:
+            continue
+        centred = z - (w[:, k] @ z) / weight
+        covariance = (w[:, k, None] * centred).T @ centred / weight
+        if name == 'cw_cr':
+            total += np.sum(covariance**2) - np.sum(np.diag(covariance) ** 2)
+        else:
+            total += np.trace(covariance)
+    pairs = num_units * (num_units - 1) if name == 'cw_cr' else num_units
+    return total / (num_classes * pairs)
 
 
 def _central_differences(fn, z: np.ndarray, h: float = 1e-6) -> np.ndarray:
-  z = np.asarray(z, np.float64)
-  grad = np.zeros_like(z)
-  for index in np.ndindex(z.shape):
-    up, down = z.copy(), z.copy()
-    up[index] += h
-    down[index] -= h
-    grad[index] = (fn(up) - fn(down)) / (2 * h)
-  return grad
+    z = np.asarray(z, np.float64)
+    grad = np.zeros_like(z)
+    for index in np.ndindex(z.shape):
+        up, down = z.copy(), z.copy()
+        up[index] += h
+        down[index] -= h
+        grad[index] = (fn(up) - fn(down)) / (2 * h)
+    return grad
 
 
 @pytest.mark.parametrize('branch', ['cpu', 'default'])
 @pytest.mark.parametrize('shape', [(12, 4, 3), (6, 20, 3)])  # soft path: covariance and Gram forms
 @pytest.mark.parametrize('name', CLASS_WISE)
 def test_mixup_and_smoothed_weights_match_a_float64_weighted_reference(name, shape, branch):
-  n, i, k = shape
-  rng = np.random.default_rng(5)
-  x = rng.normal(size=(n, i)).astype(np.float32)
-  a, b = rng.integers(0, k, n), rng.integers(0, k, n)
-  lam = rng.uniform(0.2, 0.8, size=(n, 1))
-  mixup = (lam * np.eye(k)[a] + (1 - lam) * np.eye(k)[b]).astype(np.float32)
-  smoothed = (0.9 * np.eye(k)[a] + 0.1 / k).astype(np.float32)
-  for weights in (mixup, smoothed):
-    with _branch(branch):
-      value, grad = _value_and_grad(name, x, weights)
-    expected = _weighted_reference(name, x, weights)
-    expected_grad = _central_differences(lambda z: _weighted_reference(name, z, weights), x)
-    _assert_close(value, grad, expected, expected_grad, f'({branch})')
+    n, i, k = shape
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(n, i)).astype(np.float32)
+    a, b = rng.integers(0, k, n), rng.integers(0, k, n)
+    lam = rng.uniform(0.2, 0.8, size=(n, 1))
+    mixup = (lam * np.eye(k)[a] + (1 - lam) * np.eye(k)[b]).astype(np.float32)
+    smoothed = (0.9 * np.eye(k)[a] + 0.1 / k).astype(np.float32)
+    for weights in (mixup, smoothed):
+        with _branch(branch):
+            value, grad = _value_and_grad(name, x, weights)
+        expected = _weighted_reference(name, x, weights)
+        expected_grad = _central_differences(lambda z: _weighted_reference(name, z, weights), x)
+        _assert_close(value, grad, expected, expected_grad, f'({branch})')
 
 
 def test_weighted_statistics_reduce_to_the_paper_for_one_hot_rows():
-  x, ids = _batch(30, 5, 3)
-  one_hot = np.eye(3)[ids]
-  for name in CLASS_WISE:
-    np.testing.assert_allclose(_weighted_reference(name, x, one_hot), ref.VALUES[name](x, one_hot),
-                               rtol=1e-12)
+    x, ids = _batch(30, 5, 3)
+    one_hot = np.eye(3)[ids]
+    for name in CLASS_WISE:
+        np.testing.assert_allclose(
+            _weighted_reference(name, x, one_hot), ref.VALUES[name](x, one_hot), rtol=1e-12
+        )
 
 
 def test_soft_weights_are_centred_per_class():
-  """A sample with weight in two classes is centred at each class's mean (not at a shared one)."""
-  x = np.array([[0.0], [2.0], [10.0], [14.0], [1.0]], np.float32)
-  w = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0.5, 0.5]], np.float32)
-  # Class 0: weights (1, 1, .5) at (0, 2, 1) -> mean 1, variance (1 + 1 + 0) / 2.5 = 0.8.
-  # Class 1: weights (1, 1, .5) at (10, 14, 1) -> mean 9.8, variance (0.04 + 17.64 + 38.72) / 2.5 = 22.56.
-  np.testing.assert_allclose(float(penalties.cw_vr(x, w)), (0.8 + 22.56) / 2, rtol=1e-6)
+    """A sample with weight in two classes is centred at each class's mean (not at a shared one)."""
+    x = np.array([[0.0], [2.0], [10.0], [14.0], [1.0]], np.float32)
+    w = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [0.5, 0.5]], np.float32)
+    # Class 0: weights (1, 1, .5) at (0, 2, 1) -> mean 1, variance (1 + 1 + 0) / 2.5 = 0.8.
+    # Class 1: weights (1, 1, .5) at (10, 14, 1) -> mean 9.8, variance (0.04 + 17.64 + 38.72) / 2.5 = 22.56.
+    np.testing.assert_allclose(float(penalties.cw_vr(x, w)), (0.8 + 22.56) / 2, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,45 +248,50 @@ _ACCEPTED = re.escape('integer class ids of shape (N,)')
 
 
 @pytest.mark.parametrize('name', CLASS_WISE)
-@pytest.mark.parametrize('labels, kwargs, message', [
-    (None, {}, _ACCEPTED),
-    (np.zeros((8, 1), np.int32), dict(num_classes=3), r'shape \(N,\); got shape \(8, 1\)'),
-    (np.zeros((8,), np.int32), {}, r'need num_classes'),
-    (np.zeros((8,), np.int32), dict(num_classes=0), r'need num_classes'),
-    (np.zeros((8,), np.float32), {}, _ACCEPTED),
-    (np.zeros((8, 3, 1), np.float32), {}, _ACCEPTED),
-    (np.zeros((7, 3), np.float32), {}, r'7 samples but activations have 8'),
-    (np.zeros((7,), np.int32), dict(num_classes=3), r'7 samples but activations have 8'),
-    (np.zeros((8, 3), np.float32), dict(num_classes=4), r'num_classes=4 disagrees'),
-])
+@pytest.mark.parametrize(
+    'labels, kwargs, message',
+    [
+        (None, {}, _ACCEPTED),
+        (np.zeros((8, 1), np.int32), dict(num_classes=3), r'shape \(N,\); got shape \(8, 1\)'),
+        (np.zeros((8,), np.int32), {}, r'need num_classes'),
+        (np.zeros((8,), np.int32), dict(num_classes=0), r'need num_classes'),
+        (np.zeros((8,), np.float32), {}, _ACCEPTED),
+        (np.zeros((8, 3, 1), np.float32), {}, _ACCEPTED),
+        (np.zeros((7, 3), np.float32), {}, r'7 samples but activations have 8'),
+        (np.zeros((7,), np.int32), dict(num_classes=3), r'7 samples but activations have 8'),
+        (np.zeros((8, 3), np.float32), dict(num_classes=4), r'num_classes=4 disagrees'),
+    ],
+)
 @pytest.mark.parametrize('jit', [False, True])
 def test_bad_labels_raise_naming_the_accepted_forms(name, labels, kwargs, message, jit):
-  fn = lambda x, y: getattr(penalties, name)(x, y, **kwargs)
-  if jit:
-    fn = jax.jit(fn)
-  with pytest.raises(ValueError, match=message):
-    fn(jnp.ones((8, 4)), None if labels is None else jnp.asarray(labels))
+    fn = lambda x, y: getattr(penalties, name)(x, y, **kwargs)
+    if jit:
+        fn = jax.jit(fn)
+    with pytest.raises(ValueError, match=message):
+        fn(jnp.ones((8, 4)), None if labels is None else jnp.asarray(labels))
 
 
 @pytest.mark.parametrize('name', NAMES)
 @pytest.mark.parametrize('where', [np.ones(8, np.float32), np.ones((8, 1), bool), np.ones(7, bool)])
 def test_bad_where_raises(name, where):
-  with pytest.raises(ValueError, match=r'where must be a boolean array of shape \(N,\) = \(8,\)'):
-    getattr(penalties, name)(jnp.ones((8, 4)), jnp.zeros(8, jnp.int32), num_classes=2, where=where)
+    with pytest.raises(ValueError, match=r'where must be a boolean array of shape \(N,\) = \(8,\)'):
+        getattr(penalties, name)(jnp.ones((8, 4)), jnp.zeros(8, jnp.int32), num_classes=2, where=where)
 
 
 @pytest.mark.parametrize('name', NAMES)
 def test_bad_grad_reduction_raises(name):
-  with pytest.raises(ValueError, match=r"grad_reduction must be one of \('pmean', 'psum'\)"):
-    getattr(penalties, name)(jnp.ones((8, 4)), jnp.zeros(8, jnp.int32), num_classes=2, grad_reduction='sum')
+    with pytest.raises(ValueError, match=r"grad_reduction must be one of \('pmean', 'psum'\)"):
+        getattr(penalties, name)(
+            jnp.ones((8, 4)), jnp.zeros(8, jnp.int32), num_classes=2, grad_reduction='sum'
+        )
 
 
 def test_all_masked_and_empty_classes_are_exactly_zero():
-  x, ids = _batch(10, 4, 3)
-  nobody = jnp.zeros(10, bool)
-  for name in NAMES:
-    value, grad = _value_and_grad(name, x, ids.astype(np.int32), num_classes=3, where=nobody)
-    assert value == 0.0 and np.all(grad == 0.0), name
+    x, ids = _batch(10, 4, 3)
+    nobody = jnp.zeros(10, bool)
+    for name in NAMES:
+        value, grad = _value_and_grad(name, x, ids.astype(np.int32), num_classes=3, where=nobody)
+        assert value == 0.0 and np.all(grad == 0.0), name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,138 +299,143 @@ def test_all_masked_and_empty_classes_are_exactly_zero():
 
 
 def _float64_parts(name: str, z: np.ndarray, labels: np.ndarray):
-  """Ω, its gradient, and the scale of the bounds: Σ_k ‖C_k‖²_F normalized like Ω, and its gradient."""
-  z = np.asarray(z, np.float64)
-  num_classes, num_units = labels.shape[1], z.shape[1]
-  total, total_grad = 0.0, np.zeros_like(z)
-  for k in range(num_classes):
-    members = labels[:, k] > 0
-    if members.sum() == 0:
-      continue
-    centred = z[members] - z[members].mean(0)
-    covariance = centred.T @ centred / members.sum()
-    total += np.sum(covariance ** 2)
-    total_grad[members] += 4 * centred @ covariance / members.sum()
-  divisor = num_classes * num_units * (num_units - 1)
-  return ref.VALUES[name](z, labels), ref.GRADS[name](z, labels), total / divisor, total_grad / divisor
+    """Ω, its gradient, and the scale of the bounds: Σ_k ‖C_k‖²_F normalized like Ω, and its gradient."""
+    z = np.asarray(z, np.float64)
+    num_classes, num_units = labels.shape[1], z.shape[1]
+    total, total_grad = 0.0, np.zeros_like(z)
+    for k in range(num_classes):
+        members = labels[:, k] > 0
+        if members.sum() == 0:
+            continue
+        centred = z[members] - z[members].mean(0)
+        covariance = centred.T @ centred / members.sum()
+        total += np.sum(covariance**2)
+        total_grad[members] += 4 * centred @ covariance / members.sum()
+    divisor = num_classes * num_units * (num_units - 1)
+    return ref.VALUES[name](z, labels), ref.GRADS[name](z, labels), total / divisor, total_grad / divisor
 
 
 def _decorrelated(n, i, k, rng):
-  """Classes whose centred units are exactly orthogonal (c^k_ij = 0), then perturbed by 1e-5."""
-  ids = np.arange(n) % k
-  z = np.zeros((n, i))
-  for c in range(k):
-    rows = np.flatnonzero(ids == c)
-    a = rng.normal(size=(len(rows), i))
-    a -= a.mean(0)
-    q, _ = np.linalg.qr(a)  # orthonormal columns, each orthogonal to the ones vector
-    z[rows] = q * np.linspace(1.0, 3.0, i) + 5.0 * rng.normal()
-  return z + 1e-5 * rng.normal(size=z.shape), ids
+    """Classes whose centred units are exactly orthogonal (c^k_ij = 0), then perturbed by 1e-5."""
+    ids = np.arange(n) % k
+    z = np.zeros((n, i))
+    for c in range(k):
+        rows = np.flatnonzero(ids == c)
+        a = rng.normal(size=(len(rows), i))
+        a -= a.mean(0)
+        q, _ = np.linalg.qr(a)  # orthonormal columns, each orthogonal to the ones vector
+        z[rows] = q * np.linspace(1.0, 3.0, i) + 5.0 * rng.normal()
+    return z + 1e-5 * rng.normal(size=z.shape), ids
 
 
 def _numeric_cases(i_over_n: bool):
-  rng = np.random.default_rng(11)
-  shapes = [((12, 40, 3), 'cw_cr'), ((16, 64, 1), 'cr'), ((10, 2048, 3), 'cw_cr'), ((8, 4096, 1), 'cr')] if (
-      i_over_n) else [
-      ((240, 8, 3), 'cw_cr'), ((96, 12, 1), 'cr')]
-  for (n, i, k), name in shapes:
-    ids = rng.integers(0, k, n)
-    base = np.maximum(rng.normal(size=(n, i)), 0.0) + 0.1 * rng.normal(size=(n, i))
-    scaled = base.copy()
-    scaled[:, 0] *= 1000.0  # one unit 1000× larger than the others
-    yield name, 'relu', base, ids, k
-    yield name, 'badly scaled', scaled, ids, k
-    yield name, 'large magnitude', 1e9 * base + 3e9, ids, k
-    if not i_over_n:
-      z, d_ids = _decorrelated(n, i, k, rng)
-      yield name, 'nearly decorrelated', z, d_ids, k
+    rng = np.random.default_rng(11)
+    shapes = (
+        [((12, 40, 3), 'cw_cr'), ((16, 64, 1), 'cr'), ((10, 2048, 3), 'cw_cr'), ((8, 4096, 1), 'cr')]
+        if (i_over_n)
+        else [((240, 8, 3), 'cw_cr'), ((96, 12, 1), 'cr')]
+    )
+    for (n, i, k), name in shapes:
+        ids = rng.integers(0, k, n)
+        base = np.maximum(rng.normal(size=(n, i)), 0.0) + 0.1 * rng.normal(size=(n, i))
+        scaled = base.copy()
+        scaled[:, 0] *= 1000.0  # one unit 1000× larger than the others
+        yield name, 'relu', base, ids, k
+        yield name, 'badly scaled', scaled, ids, k
+        yield name, 'large magnitude', 1e9 * base + 3e9, ids, k
+        if not i_over_n:
+            z, d_ids = _decorrelated(n, i, k, rng)
+            yield name, 'nearly decorrelated', z, d_ids, k
 
 
 def _check_bounds(name, z, ids, k, value_bound, small_bound):
-  z32 = np.asarray(z, np.float32)
-  labels = np.eye(k)[ids]
-  value, grad = _value_and_grad(name, z32, labels.astype(np.float32) if name == 'cw_cr' else None)
-  expected, expected_grad, total, total_grad = _float64_parts(name, z32, labels)
-  assert np.isfinite(value) and np.all(np.isfinite(grad))
-  if value_bound is not None and expected >= 1e-3 * total:
-    assert abs(value - expected) <= value_bound * expected, (value, expected)
-    assert np.max(np.abs(grad - expected_grad)) <= value_bound * np.max(np.abs(expected_grad))
-  else:
-    assert abs(value - expected) <= small_bound * total, (value, expected, total)
-    assert np.max(np.abs(grad - expected_grad)) <= small_bound * np.max(np.abs(total_grad))
-  return expected / total
+    z32 = np.asarray(z, np.float32)
+    labels = np.eye(k)[ids]
+    value, grad = _value_and_grad(name, z32, labels.astype(np.float32) if name == 'cw_cr' else None)
+    expected, expected_grad, total, total_grad = _float64_parts(name, z32, labels)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    if value_bound is not None and expected >= 1e-3 * total:
+        assert abs(value - expected) <= value_bound * expected, (value, expected)
+        assert np.max(np.abs(grad - expected_grad)) <= value_bound * np.max(np.abs(expected_grad))
+    else:
+        assert abs(value - expected) <= small_bound * total, (value, expected, total)
+        assert np.max(np.abs(grad - expected_grad)) <= small_bound * np.max(np.abs(total_grad))
+    return expected / total
 
 
 @pytest.mark.parametrize('case', list(_numeric_cases(i_over_n=False)), ids=lambda c: f'{c[0]}-{c[1]}')
 def test_covariance_form_meets_the_float64_bounds(case):
-  name, _, z, ids, k = case
-  n, i = z.shape
-  assert not penalties.use_gram_form(n, i, k)
-  _check_bounds(name, z, ids, k, value_bound=1e-4, small_bound=1e-7)
+    name, _, z, ids, k = case
+    n, i = z.shape
+    assert not penalties.use_gram_form(n, i, k)
+    _check_bounds(name, z, ids, k, value_bound=1e-4, small_bound=1e-7)
 
 
 def test_covariance_form_cases_include_a_tiny_off_diagonal():
-  fractions = []
-  for name, _, z, ids, k in _numeric_cases(i_over_n=False):
-    _, _, total, _ = _float64_parts(name, z, np.eye(k)[ids])
-    fractions.append(ref.VALUES[name](z, np.eye(k)[ids]) / total)
-  assert min(fractions) < 1e-8 and max(fractions) > 1e-3, fractions
+    fractions = []
+    for name, _, z, ids, k in _numeric_cases(i_over_n=False):
+        _, _, total, _ = _float64_parts(name, z, np.eye(k)[ids])
+        fractions.append(ref.VALUES[name](z, np.eye(k)[ids]) / total)
+    assert min(fractions) < 1e-8 and max(fractions) > 1e-3, fractions
 
 
 @pytest.mark.parametrize('case', list(_numeric_cases(i_over_n=True)), ids=lambda c: f'{c[0]}-{c[1]}')
 def test_gram_form_meets_its_stated_bound(case):
-  name, _, z, ids, k = case
-  n, i = z.shape
-  assert penalties.use_gram_form(n, i, k)
-  # The Gram form's bound is relative to the total Σ_k ‖C_k‖²_F whatever the off-diagonal share.
-  _check_bounds(name, z, ids, k, value_bound=None, small_bound=penalties.gram_form_error_bound(i))
+    name, _, z, ids, k = case
+    n, i = z.shape
+    assert penalties.use_gram_form(n, i, k)
+    # The Gram form's bound is relative to the total Σ_k ‖C_k‖²_F whatever the off-diagonal share.
+    _check_bounds(name, z, ids, k, value_bound=None, small_bound=penalties.gram_form_error_bound(i))
 
 
 @pytest.mark.parametrize('name', NAMES)
 @pytest.mark.parametrize('scale', [1e9, 1e15])
 def test_large_magnitudes_are_finite_and_jit_equals_eager(name, scale):
-  x, ids = _batch(20, 30, 3)
-  z = (x * scale).astype(np.float32)
-  labels = np.eye(3)[ids]
-  expected = ref.VALUES[name](z, labels)
-  if expected > 1e37:
-    pytest.skip('float64 value outside float32 range')
-  fn = lambda a: getattr(penalties, name)(a, ids.astype(np.int32), num_classes=3)
-  jitted = jax.jit(jax.value_and_grad(fn))(jnp.asarray(z))
-  eager = jax.value_and_grad(fn)(jnp.asarray(z))
-  for value, grad in (jitted, eager):
-    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad))), name
-    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
-  np.testing.assert_allclose(float(jitted[0]), float(eager[0]), rtol=1e-5)
-  grad_scale = float(np.max(np.abs(np.asarray(eager[1]))))
-  np.testing.assert_allclose(np.asarray(jitted[1]), np.asarray(eager[1]), rtol=1e-4, atol=1e-5 * grad_scale)
+    x, ids = _batch(20, 30, 3)
+    z = (x * scale).astype(np.float32)
+    labels = np.eye(3)[ids]
+    expected = ref.VALUES[name](z, labels)
+    if expected > 1e37:
+        pytest.skip('float64 value outside float32 range')
+    fn = lambda a: getattr(penalties, name)(a, ids.astype(np.int32), num_classes=3)
+    jitted = jax.jit(jax.value_and_grad(fn))(jnp.asarray(z))
+    eager = jax.value_and_grad(fn)(jnp.asarray(z))
+    for value, grad in (jitted, eager):
+        assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad))), name
+        np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(jitted[0]), float(eager[0]), rtol=1e-5)
+    grad_scale = float(np.max(np.abs(np.asarray(eager[1]))))
+    np.testing.assert_allclose(np.asarray(jitted[1]), np.asarray(eager[1]), rtol=1e-4, atol=1e-5 * grad_scale)
 
 
 def test_precision_can_be_lowered_and_defaults_to_highest():
-  x, ids = _batch(16, 64, 3)
-  for name in ('cr', 'cw_cr'):
-    fn = getattr(penalties, name)
-    highest = float(fn(x, ids, num_classes=3))
-    assert highest == float(fn(x, ids, num_classes=3, precision=jax.lax.Precision.HIGHEST))
-    np.testing.assert_allclose(float(fn(x, ids, num_classes=3, precision='default')), highest, rtol=1e-2)
+    x, ids = _batch(16, 64, 3)
+    for name in ('cr', 'cw_cr'):
+        fn = getattr(penalties, name)
+        highest = float(fn(x, ids, num_classes=3))
+        assert highest == float(fn(x, ids, num_classes=3, precision=jax.lax.Precision.HIGHEST))
+        np.testing.assert_allclose(float(fn(x, ids, num_classes=3, precision='default')), highest, rtol=1e-2)
 
 
 def test_docstring_examples_run():
-  import doctest
-  from cwreg import capture
-  for module in (penalties, capture):
-    failures, tried = doctest.testmod(module)
-    assert tried > 0 and failures == 0, module.__name__
+    import doctest
+
+    from cwreg import capture
+
+    for module in (penalties, capture):
+        failures, tried = doctest.testmod(module)
+        assert tried > 0 and failures == 0, module.__name__
 
 
 def test_gram_form_gradient_survives_a_value_rounded_to_zero():
-  """A tiny off-diagonal part rounds the Gram form's value to ≤ 0; the gradient must stay Table 1's.
+    """A tiny off-diagonal part rounds the Gram form's value to ≤ 0; the gradient must stay Table 1's.
 
-  Catches: the gradient multiplied by (difference > 0), as before this change.
-  """
-  z = np.array([[1.0, 1e-4, 0.0], [-1.0, -1e-4, 0.0]]) + 3.0
-  assert penalties.use_gram_form(2, 3, 1)
-  _check_bounds('cr', z, np.zeros(2, int), 1, value_bound=None,
-                small_bound=penalties.gram_form_error_bound(3))
-  _, grad = _value_and_grad('cr', z.astype(np.float32))
-  assert np.all(grad[:, 1] != 0)  # the off-diagonal pull on the small unit
+    Catches: the gradient multiplied by (difference > 0), as before this change.
+    """
+    z = np.array([[1.0, 1e-4, 0.0], [-1.0, -1e-4, 0.0]]) + 3.0
+    assert penalties.use_gram_form(2, 3, 1)
+    _check_bounds(
+        'cr', z, np.zeros(2, int), 1, value_bound=None, small_bound=penalties.gram_form_error_bound(3)
+    )
+    _, grad = _value_and_grad('cr', z.astype(np.float32))
+    assert np.all(grad[:, 1] != 0)  # the off-diagonal pull on the small unit

@@ -9,11 +9,8 @@ import numpy as np
 import pytest
 
 from configs import mnist_mlp
-from cwreg.experiments import figures
-from cwreg.experiments import report
-from cwreg.experiments import sweep
+from cwreg.experiments import figures, report, sweep
 from cwreg.training import loop
-
 
 # Two selection seeds, so that the choice is by a mean; two final seeds, disjoint from them.
 PROTOCOL = sweep.Protocol(selection_seeds=(0, 1), final_seeds=(2, 3))
@@ -29,8 +26,9 @@ def tiny_sweep(real_data_dir, tmp_path_factory):
     base.model.width = 16
     base.eval_batch_size = 2000
     sweep_dir = str(tmp_path_factory.mktemp('sweep'))
-    chosen = sweep.run_sweep(base, sweep_dir, regularizers=('baseline', 'cw_vr'), grid=(0.01, 1.0),
-                             protocol=PROTOCOL, max_group=6)
+    chosen = sweep.run_sweep(
+        base, sweep_dir, regularizers=('baseline', 'cw_vr'), grid=(0.01, 1.0), protocol=PROTOCOL, max_group=6
+    )
     return base, sweep_dir, chosen
 
 
@@ -80,8 +78,12 @@ def test_the_choice_is_by_the_mean_over_selection_seeds(tiny_sweep, tmp_path):
 
 def test_chosen_weight_is_the_best_validation_error(tiny_sweep):
     _, sweep_dir, chosen = tiny_sweep
-    errors = {w: np.mean([_results(sweep.run_dir(sweep_dir, 'cw_vr', 'select', weight=w, seed=s))['error']
-                          for s in SELECT]) for w in (0.01, 1.0)}
+    errors = {
+        w: np.mean(
+            [_results(sweep.run_dir(sweep_dir, 'cw_vr', 'select', weight=w, seed=s))['error'] for s in SELECT]
+        )
+        for w in (0.01, 1.0)
+    }
     assert chosen['cw_vr'] == min(errors, key=lambda w: (errors[w], w))
     for seed in FINAL:
         assert _results(sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=seed))['weight'] == chosen['cw_vr']
@@ -95,8 +97,12 @@ def test_rerun_skips_finished_runs(tiny_sweep, monkeypatch):
         raise AssertionError('a finished run was trained again')
 
     monkeypatch.setattr(loop, 'train_group', fail)
-    assert sweep.run_sweep(base, sweep_dir, regularizers=('baseline', 'cw_vr'), grid=(0.01, 1.0),
-                           protocol=PROTOCOL) == chosen
+    assert (
+        sweep.run_sweep(
+            base, sweep_dir, regularizers=('baseline', 'cw_vr'), grid=(0.01, 1.0), protocol=PROTOCOL
+        )
+        == chosen
+    )
 
 
 def test_rerun_trains_only_missing_runs(tiny_sweep, monkeypatch):
@@ -126,7 +132,9 @@ def test_final_runs_follow_a_changed_choice_of_lambda(tiny_sweep, tmp_path, monk
     # Make the other λ the better one on validation, as a longer or wider search might.
     other = 1.0 if chosen['cw_vr'] == 0.01 else 0.01
     for seed in SELECT:
-        path = os.path.join(sweep.run_dir(sweep_dir, 'cw_vr', 'select', weight=other, seed=seed), 'results.json')
+        path = os.path.join(
+            sweep.run_dir(sweep_dir, 'cw_vr', 'select', weight=other, seed=seed), 'results.json'
+        )
         result = _results(os.path.dirname(path))
         result['error'] = -1.0
         with open(path, 'w') as f:
@@ -136,12 +144,18 @@ def test_final_runs_follow_a_changed_choice_of_lambda(tiny_sweep, tmp_path, monk
 
     def record(configs, workdirs, *args, **kwargs):
         trained.extend(workdirs)
-        assert all(not os.path.exists(os.path.join(w, 'results.json')) for w in workdirs)  # stale ones removed
+        assert all(
+            not os.path.exists(os.path.join(w, 'results.json')) for w in workdirs
+        )  # stale ones removed
         return original(configs, workdirs, *args, **kwargs)
 
     monkeypatch.setattr(loop, 'train_group', record)
-    assert sweep.run_sweep(base, sweep_dir, regularizers=('cw_vr',), grid=(0.01, 1.0),
-                           protocol=PROTOCOL)['cw_vr'] == other
+    assert (
+        sweep.run_sweep(base, sweep_dir, regularizers=('cw_vr',), grid=(0.01, 1.0), protocol=PROTOCOL)[
+            'cw_vr'
+        ]
+        == other
+    )
     finals = [sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=s) for s in FINAL]
     assert trained == finals
     assert [_results(w)['weight'] for w in finals] == [other, other]
@@ -151,8 +165,14 @@ def test_final_runs_have_table5_statistics(tiny_sweep):
     _, sweep_dir, _ = tiny_sweep
     with open(os.path.join(sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=FINAL[0]), 'stats.json')) as f:
         values = json.load(f)
-    for key in ('activation_amplitude', 'covariance', 'correlation', 'cw_correlation', 'variance',
-                'n_cw_variance'):
+    for key in (
+        'activation_amplitude',
+        'covariance',
+        'correlation',
+        'cw_correlation',
+        'variance',
+        'n_cw_variance',
+    ):
         assert np.isfinite(values[key])
     assert values['layer'] == 'layer5' and values['split'] == 'test'
 
@@ -192,9 +212,19 @@ def _record_trained(monkeypatch) -> list:
     return trained
 
 
-@pytest.mark.parametrize('field,value', [('optimizer.learning_rate', 1e-3), ('penalty.layer', 'layer3'),
-                                         ('model.width', 8), ('dataset.train_size', 200), ('batch_size', 50),
-                                         ('num_epochs', 3), ('optimizer.name', 'sgd'), ('weight_decay', 1e-4)])
+@pytest.mark.parametrize(
+    'field,value',
+    [
+        ('optimizer.learning_rate', 1e-3),
+        ('penalty.layer', 'layer3'),
+        ('model.width', 8),
+        ('dataset.train_size', 200),
+        ('batch_size', 50),
+        ('num_epochs', 3),
+        ('optimizer.name', 'sgd'),
+        ('weight_decay', 1e-4),
+    ],
+)
 def test_a_finished_run_is_reused_only_for_its_whole_config(tiny_sweep, field, value):
     """Mutation caught: the done-check comparing only (regularizer, λ, seed, phase, epochs), as before."""
     base, sweep_dir, chosen = tiny_sweep
@@ -210,14 +240,16 @@ def test_a_finished_run_is_reused_only_for_its_whole_config(tiny_sweep, field, v
 def test_where_the_data_is_and_how_often_to_evaluate_do_not_make_another_run(tiny_sweep):
     base, sweep_dir, chosen = tiny_sweep
     config = ml_collections.ConfigDict(
-        sweep.run_config(base, 'cw_vr', chosen['cw_vr'], FINAL[0], False).to_dict())
+        sweep.run_config(base, 'cw_vr', chosen['cw_vr'], FINAL[0], False).to_dict()
+    )
     config.dataset.data_dir, config.eval_every_epochs, config.steps_per_dispatch = '/elsewhere', 7, 3
     config.eval_batch_size, config.checkpoint = 500, False
     assert sweep.status(sweep.run_dir(sweep_dir, 'cw_vr', 'final', seed=FINAL[0]), config) == 'finished'
 
 
-def test_a_changed_base_config_retrains_and_chosen_weight_reads_only_its_runs(tiny_sweep, tmp_path,
-                                                                              monkeypatch):
+def test_a_changed_base_config_retrains_and_chosen_weight_reads_only_its_runs(
+    tiny_sweep, tmp_path, monkeypatch
+):
     base, sweep_dir, chosen = tiny_sweep
     sweep_dir = str(shutil.copytree(sweep_dir, tmp_path / 'sweep'))
     other = ml_collections.ConfigDict(base.to_dict())
@@ -227,8 +259,14 @@ def test_a_changed_base_config_retrains_and_chosen_weight_reads_only_its_runs(ti
     assert sweep.chosen_weight(sweep_dir, 'cw_vr', other) is None
     assert sweep.chosen_weight(sweep_dir, 'cw_vr') == chosen['cw_vr']  # without a config: every run counts
     trained = _record_trained(monkeypatch)
-    sweep.run_sweep(other, sweep_dir, regularizers=('baseline',), grid=(0.01, 1.0),
-                    protocol=sweep.Protocol((0,), (FINAL[0],)), statistics=False)
+    sweep.run_sweep(
+        other,
+        sweep_dir,
+        regularizers=('baseline',),
+        grid=(0.01, 1.0),
+        protocol=sweep.Protocol((0,), (FINAL[0],)),
+        statistics=False,
+    )
     assert trained == [sweep.run_dir(sweep_dir, 'baseline', 'final', seed=FINAL[0])]
     for workdir in trained:
         assert _results(workdir)['config']['optimizer']['learning_rate'] == 1e-3
@@ -258,8 +296,12 @@ def test_a_truncated_results_json_is_named_and_its_run_retrained(tiny_sweep, tmp
         f.truncate(os.path.getsize(path) // 2)
     trained = _record_trained(monkeypatch)
     with caplog.at_level('WARNING'):
-        assert sweep.run_sweep(base, sweep_dir, regularizers=('baseline', 'cw_vr'), grid=(0.01, 1.0),
-                               protocol=PROTOCOL) == chosen
+        assert (
+            sweep.run_sweep(
+                base, sweep_dir, regularizers=('baseline', 'cw_vr'), grid=(0.01, 1.0), protocol=PROTOCOL
+            )
+            == chosen
+        )
     assert trained == [workdir]
     assert any(path in r.getMessage() and 'unreadable' in r.getMessage() for r in caplog.records), caplog.text
     assert _results(workdir)['status'] == 'finished'
@@ -271,9 +313,12 @@ def test_layer_dependency_reads_only_the_lambda_search_of_its_config(monkeypatch
     asked, trained = [], []
     monkeypatch.setattr(sweep, 'chosen_weight', lambda d, name, b=None: asked.append(b) or 0.1)
     monkeypatch.setattr(sweep, '_train', lambda configs, *args: trained.extend(configs))
-    figures.run_layer_dependency(base, str(tmp_path / 'layers'), str(tmp_path / 'sweep'), ['cw_vr'],
-                                 ['layer3'])
+    figures.run_layer_dependency(
+        base, str(tmp_path / 'layers'), str(tmp_path / 'sweep'), ['cw_vr'], ['layer3']
+    )
     assert asked == [base] and [c.penalty.layer for c in trained] == ['layer3']
     monkeypatch.setattr(sweep, 'chosen_weight', lambda d, name, b=None: None)
     with pytest.raises(ValueError, match='no finished λ search for cw_vr with this config'):
-        figures.run_layer_dependency(base, str(tmp_path / 'l2'), str(tmp_path / 'sweep'), ['cw_vr'], ['layer3'])
+        figures.run_layer_dependency(
+            base, str(tmp_path / 'l2'), str(tmp_path / 'sweep'), ['cw_vr'], ['layer3']
+        )

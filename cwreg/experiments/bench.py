@@ -111,7 +111,8 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> 
     times = {name: [] for name in fns}
     start = time.perf_counter()
     while min(map(len, times.values())) < repeats or (
-            time.perf_counter() - start < 0.2 * len(fns) and min(map(len, times.values())) < 100):
+        time.perf_counter() - start < 0.2 * len(fns) and min(map(len, times.values())) < 100
+    ):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
@@ -119,9 +120,13 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def penalty_rows(shapes: Sequence[tuple[int, int, int]] = PENALTY_SHAPES,
-                 names: Sequence[str] = tuple(penalties.PENALTIES), repeats: int = 5,
-                 seed: int = 0, baseline=None) -> list[dict]:
+def penalty_rows(
+    shapes: Sequence[tuple[int, int, int]] = PENALTY_SHAPES,
+    names: Sequence[str] = tuple(penalties.PENALTIES),
+    repeats: int = 5,
+    seed: int = 0,
+    baseline=None,
+) -> list[dict]:
     """Median time of jitted value+grad of each penalty, ours vs the masked formulation (and a baseline).
 
     The class-wise penalties are timed with integer ids (the fastest form) and with one-hot rows; the
@@ -150,8 +155,14 @@ def penalty_rows(shapes: Sequence[tuple[int, int, int]] = PENALTY_SHAPES,
                     # Timed apart: its large temporaries would slow whatever runs right after it.
                     masked = jax.jit(jax.value_and_grad(MASKED[name]))
                     times['masked'] = median_time(lambda: masked(z, y), repeats)
-                row = {'penalty': name, 'labels': form, 'N': n, 'I': i, 'K': k,
-                       'ours_ms': 1e3 * times['ours']}
+                row = {
+                    'penalty': name,
+                    'labels': form,
+                    'N': n,
+                    'I': i,
+                    'K': k,
+                    'ours_ms': 1e3 * times['ours'],
+                }
                 if 'baseline' in times:
                     row['baseline_ms'] = 1e3 * times['baseline']
                     row['vs_baseline'] = times['ours'] / times['baseline']
@@ -193,22 +204,34 @@ TRAIN_MODELS = {
 def _chunk_runner(config, input_shape: tuple[int, ...], steps: int, num_examples: int = 2000, seed: int = 0):
     """A compiled `steps`-step train chunk on random data (one run, mapped as the trainer maps it)."""
     import functools
+
     from cwreg.training import config as config_lib
-    from cwreg.training import step as step_lib
     from cwreg.training import devices
+    from cwreg.training import step as step_lib
+
     task = step_lib.Task.from_config(config, 10)
     rng = np.random.default_rng(seed)
     images = rng.random((num_examples,) + input_shape, dtype=np.float32)
     labels = rng.integers(0, 10, num_examples).astype(np.int32)
     state = step_lib.initial_state(task, config_lib.create_optimizer(config), images, seed)
-    order = np.concatenate([rng.permutation(num_examples) for _ in range(
-        -(-steps * config.batch_size // num_examples))]).astype(np.int32)
-    weights = {'penalty': np.float32(config.penalty.weight), 'weight_penalty': np.float32(0.0),
-               'dropout': np.float32(config.model.dropout)}
+    order = np.concatenate(
+        [rng.permutation(num_examples) for _ in range(-(-steps * config.batch_size // num_examples))]
+    ).astype(np.int32)
+    weights = {
+        'penalty': np.float32(config.penalty.weight),
+        'weight_penalty': np.float32(0.0),
+        'dropout': np.float32(config.model.dropout),
+    }
     step_fn = devices.device_map(functools.partial(step_lib.train_chunk, task, steps, config.batch_size))
     put = lambda x: jax.device_put(np.asarray(x)[None], jax.local_devices()[0])
-    args = [put(images), put(labels), put(order), put(np.int32(0)), jax.tree.map(put, weights),
-            put(np.asarray(jax.random.key_data(jax.random.key(seed))))]
+    args = [
+        put(images),
+        put(labels),
+        put(order),
+        put(np.int32(0)),
+        jax.tree.map(put, weights),
+        put(np.asarray(jax.random.key_data(jax.random.key(seed)))),
+    ]
     state = jax.tree.map(put, state)
 
     def run():
@@ -220,13 +243,15 @@ def _chunk_runner(config, input_shape: tuple[int, ...], steps: int, num_examples
 def _representation_width(config, input_shape: tuple[int, ...], layer: str) -> int:
     """I: the number of units of `layer` (H·W·C for a feature map)."""
     from cwreg.training import step as step_lib
+
     task = step_lib.Task.from_config(config, 10)
     images = jax.ShapeDtypeStruct((config.batch_size,) + input_shape, jnp.float32)
     variables = jax.eval_shape(lambda x: task.model.init(jax.random.key(0), x, train=False), images)
     forward = step_lib._forward  # pylint: disable=protected-access
     # Evaluation mode: the same shapes, without the mapped axis batch norm syncs over or a dropout key.
     intermediates = jax.eval_shape(
-        lambda v, x: forward(task, v['params'], v.get('batch_stats'), x, False)[1], variables, images)
+        lambda v, x: forward(task, v['params'], v.get('batch_stats'), x, False)[1], variables, images
+    )
     return int(np.prod(intermediates[layer].shape[1:]))
 
 
@@ -237,6 +262,7 @@ def _product_floor_runner(num_samples: int, num_units: int, steps: int, seed: in
     penalties.cr runs them: what CR costs at the least, without centring, masks or sums.
     """
     from jax import lax
+
     gram = penalties.use_gram_form(num_samples, num_units, 1)
     dot = lambda a, b: jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
 
@@ -254,8 +280,13 @@ FLOOR = "(CR's 2 products alone)"
 FLOOR_REPETITIONS = 500
 
 
-def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50, repeats: int = 7,
-                    batch_size: Optional[int] = None) -> list[dict]:
+def train_step_rows(
+    models: Sequence[str],
+    names: Sequence[str],
+    steps: int = 50,
+    repeats: int = 7,
+    batch_size: Optional[int] = None,
+) -> list[dict]:
     """Median ms/step of each model with no penalty and with each penalty, their ratio and difference.
 
     Baseline and penalty chunks are timed alternately, and the ratio (difference) is the median of
@@ -264,6 +295,7 @@ def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50
     overhead is its time as a share of the baseline step: what exact CR adds at the least.
     """
     import importlib
+
     rows = []
     for model in models:
         module, arg, layers, input_shape = TRAIN_MODELS[model]
@@ -284,8 +316,9 @@ def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50
             width = _representation_width(base, input_shape, layers[0])
             # Enough repetitions per call that dispatch is negligible, even when a chunk has few steps.
             iterations[(FLOOR, layers[0])] = max(steps, FLOOR_REPETITIONS)
-            runners[(FLOOR, layers[0])] = _product_floor_runner(base.batch_size, width,
-                                                                iterations[(FLOOR, layers[0])])
+            runners[(FLOOR, layers[0])] = _product_floor_runner(
+                base.batch_size, width, iterations[(FLOOR, layers[0])]
+            )
         for run in runners.values():
             jax.block_until_ready(run())  # compile
         times = {key: [] for key in runners}
@@ -298,10 +331,16 @@ def train_step_rows(models: Sequence[str], names: Sequence[str], steps: int = 50
         for (name, layer), values in times.items():
             values = np.array(values)
             added = values if name == FLOOR else values - base_times
-            rows.append({'model': model, 'penalty': name, 'layer': layer or '—',
-                         'ms_per_step': 1e3 * float(np.median(values)),
-                         'added_us': 1e6 * float(np.median(added)),
-                         'overhead_%': 100.0 * float(np.median(added / base_times))})
+            rows.append(
+                {
+                    'model': model,
+                    'penalty': name,
+                    'layer': layer or '—',
+                    'ms_per_step': 1e3 * float(np.median(values)),
+                    'added_us': 1e6 * float(np.median(added)),
+                    'overhead_%': 100.0 * float(np.median(added / base_times)),
+                }
+            )
     return rows
 
 
@@ -316,8 +355,11 @@ def epoch_rows(config, repeats: int = 3) -> list[dict]:
     in-process dataset cache is cleared before each run).
     """
     import tempfile
+
     import ml_collections
+
     from cwreg.training import loop
+
     rows = []
     for checkpoint in (True, False):
         c = ml_collections.ConfigDict(config.to_dict())
@@ -330,12 +372,21 @@ def epoch_rows(config, repeats: int = 3) -> list[dict]:
         loop = [r['train_loop_s'] for r in results]
         total = [r['wall_time_s'] for r in results]
         result = results[0]
-        rows.append({'scenario': result['scenario'], 'regularizer': result['regularizer'],
-                     'checkpoints': 'every epoch' if checkpoint else 'none', 'epochs': result['epochs'],
-                     'runs': repeats, 'train_loop_s': float(np.median(loop)), 'min_loop_s': min(loop),
-                     'total_wall_s': float(np.median(total)), 'min_total_s': min(total),
-                     'ms_per_step': 1e3 * float(np.median(loop)) / result['steps'],
-                     f'{result["eval_split"]}_error_%': result['error']})
+        rows.append(
+            {
+                'scenario': result['scenario'],
+                'regularizer': result['regularizer'],
+                'checkpoints': 'every epoch' if checkpoint else 'none',
+                'epochs': result['epochs'],
+                'runs': repeats,
+                'train_loop_s': float(np.median(loop)),
+                'min_loop_s': min(loop),
+                'total_wall_s': float(np.median(total)),
+                'min_total_s': min(total),
+                'ms_per_step': 1e3 * float(np.median(loop)) / result['steps'],
+                f'{result["eval_split"]}_error_%': result['error'],
+            }
+        )
     return rows
 
 
@@ -346,7 +397,9 @@ def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict
     of the two training loops is `epochs` epochs of steady state, extrapolated to config.num_epochs.
     """
     import tempfile
+
     import ml_collections
+
     from cwreg.training import loop
 
     def loop_seconds(size: int, num_epochs: int) -> tuple[float, int]:
@@ -357,8 +410,9 @@ def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict
             c.eval_every_epochs = num_epochs
             configs.append(c)
         with tempfile.TemporaryDirectory() as root:
-            results = loop.train_group(configs, [f'{root}/run{r}' for r in range(size)], f'{root}/group',
-                                        on_nonfinite='record')
+            results = loop.train_group(
+                configs, [f'{root}/run{r}' for r in range(size)], f'{root}/group', on_nonfinite='record'
+            )
         return results[0]['train_loop_s'], results[0]['steps']
 
     rows = []
@@ -368,6 +422,11 @@ def sweep_rows(config, group_sizes: Sequence[int], epochs: int = 2) -> list[dict
         long, long_steps = loop_seconds(size, 1 + epochs)
         per_step = (long - short) / (long_steps - short_steps)
         per_run_hours = per_step * short_steps * config.num_epochs / size / 3600
-        rows.append({'group_size': size, 'ms_per_step_per_run': 1e3 * per_step / size,
-                     f'runs_per_hour_({config.num_epochs}_epochs)': 1.0 / per_run_hours})
+        rows.append(
+            {
+                'group_size': size,
+                'ms_per_step_per_run': 1e3 * per_step / size,
+                f'runs_per_hour_({config.num_epochs}_epochs)': 1.0 / per_run_hours,
+            }
+        )
     return rows

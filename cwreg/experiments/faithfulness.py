@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
 
-from cwreg.experiments import records
-from cwreg.experiments import report
+from cwreg.experiments import records, report
 from cwreg.names import DISPLAY_NAMES, REGULARIZERS
 
 
@@ -34,14 +33,14 @@ def final_errors(records_path: str) -> dict[str, dict[int, float]]:
 def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
     """mean(b) − mean(a), its 95 % half-width and two-sided p (Welch's unequal-variance t-test)."""
     va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
-    dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     diff, se = float(np.mean(b) - np.mean(a)), math.sqrt(va + vb)
     return diff, float(scipy_stats.t.ppf(0.975, dof)) * se, float(2 * scipy_stats.t.sf(abs(diff) / se, dof))
 
 
 def _gain_difference(ga: report.Paired, gb: report.Paired) -> tuple[float, float, float]:
-    var = ga.se ** 2 + gb.se ** 2
-    dof = var ** 2 / (ga.se ** 4 / (ga.n - 1) + gb.se ** 4 / (gb.n - 1))
+    var = ga.se**2 + gb.se**2
+    dof = var**2 / (ga.se**4 / (ga.n - 1) + gb.se**4 / (gb.n - 1))
     diff, se = gb.mean - ga.mean, math.sqrt(var)
     return diff, float(scipy_stats.t.ppf(0.975, dof)) * se, float(2 * scipy_stats.t.sf(abs(diff) / se, dof))
 
@@ -51,8 +50,11 @@ def _interval(diff: float, half: float, p: float) -> str:
 
 
 def _gain_text(gain: Optional[report.Paired]) -> str:
-    return report.MISSING if gain is None or gain.se is None else _interval(
-        gain.mean, gain.high - gain.mean, gain.p)
+    return (
+        report.MISSING
+        if gain is None or gain.se is None
+        else _interval(gain.mean, gain.high - gain.mean, gain.p)
+    )
 
 
 def final_weights(records_path: str) -> dict[str, float]:
@@ -73,15 +75,28 @@ def render(names: Sequence[str], paths: Sequence[str]) -> str:
     weights = final_weights(path_a)
     if weights != final_weights(path_b):
         raise ValueError(f'The variants ran other λ: {weights} vs {final_weights(path_b)}.')
-    header = ['Regularizer', 'λ', f'{name_a}: error (%)', f'{name_b}: error (%)', f'{name_b} − {name_a}',
-              f'gain over baseline, {name_a}', f'gain over baseline, {name_b}', 'difference of the gains']
+    header = [
+        'Regularizer',
+        'λ',
+        f'{name_a}: error (%)',
+        f'{name_b}: error (%)',
+        f'{name_b} − {name_a}',
+        f'gain over baseline, {name_a}',
+        f'gain over baseline, {name_b}',
+        'difference of the gains',
+    ]
     rows = []
     for reg in REGULARIZERS:
         if reg not in a or reg not in b or 'baseline' not in a or 'baseline' not in b:
             continue
         ea, eb = list(a[reg].values()), list(b[reg].values())
-        row = [DISPLAY_NAMES[reg], report.format_weight(weights.get(reg, 0.0)) if reg != 'baseline'
-               else '—', _mean_sd(ea), _mean_sd(eb), _interval(*_welch(ea, eb))]
+        row = [
+            DISPLAY_NAMES[reg],
+            report.format_weight(weights.get(reg, 0.0)) if reg != 'baseline' else '—',
+            _mean_sd(ea),
+            _mean_sd(eb),
+            _interval(*_welch(ea, eb)),
+        ]
         if reg == 'baseline':
             row += ['—', '—', '—']
         else:

@@ -18,12 +18,9 @@ from typing import Mapping, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from cwreg.experiments import plots
-from cwreg.experiments import report
-from cwreg.experiments import sweep
+from cwreg.experiments import plots, report, sweep
 from cwreg.names import DISPLAY_NAMES
 from cwreg.training import loop
-
 
 
 def _config_of(workdir: str) -> ml_collections.ConfigDict:
@@ -42,9 +39,9 @@ def _length(scenario: str, workdirs: Sequence[str]) -> str:
     return report.epochs_phrase(scenario, [_epochs_of(w) for w in workdirs])
 
 
-def representation_figures(sweep_dir: str, out_dir: str,
-                           regularizers: Sequence[str] = ('cr', 'cw_cr', 'vr', 'cw_vr'),
-                           seed: int = 0) -> list[str]:
+def representation_figures(
+    sweep_dir: str, out_dir: str, regularizers: Sequence[str] = ('cr', 'cw_cr', 'vr', 'cw_vr'), seed: int = 0
+) -> list[str]:
     """Writes Figure 1 (baseline at init, baseline, cw-CR) and Figure 2 (all) as PNGs; returns their paths."""
     baseline_dir = sweep.run_dir(sweep_dir, 'baseline', 'final', seed=seed)
     config = _config_of(baseline_dir)
@@ -70,17 +67,24 @@ def representation_figures(sweep_dir: str, out_dir: str,
     length1 = _length(config.scenario, [w for k, w in trained.items() if k in figure1])
     length2 = _length(config.scenario, list(trained.values()))
     for filename, models, title in (
-            ('figure1.png', figure1, f'Figure 1: {layer} on the MNIST test set, {length1}'),
-            ('figure2.png', columns, f'Figure 2: {layer} on the MNIST test set, {length2}')):
+        ('figure1.png', figure1, f'Figure 1: {layer} on the MNIST test set, {length1}'),
+        ('figure2.png', columns, f'Figure 2: {layer} on the MNIST test set, {length2}'),
+    ):
         path = os.path.join(out_dir, filename)
         plots.plot_representation_grid(models, dataset.eval.labels, path, title=title)
         paths.append(path)
     return paths
 
 
-def run_layer_dependency(base: ml_collections.ConfigDict, layer_dir: str, sweep_dir: str,
-                         regularizers: Sequence[str], layers: Sequence[str], seeds: Sequence[int] = (0,),
-                         max_group: int = 6) -> None:
+def run_layer_dependency(
+    base: ml_collections.ConfigDict,
+    layer_dir: str,
+    sweep_dir: str,
+    regularizers: Sequence[str],
+    layers: Sequence[str],
+    seeds: Sequence[int] = (0,),
+    max_group: int = 6,
+) -> None:
     """Trains each regularizer on each layer with the λ its sweep chose (final protocol, test split)."""
     progress = sweep.Progress(total=len(regularizers) * len(layers) * len(seeds))
     for name in regularizers:
@@ -90,13 +94,20 @@ def run_layer_dependency(base: ml_collections.ConfigDict, layer_dir: str, sweep_
         for layer in layers:
             configs, workdirs = [], []
             for seed in seeds:
-                config = ml_collections.ConfigDict(sweep.run_config(base, name, weight, seed, False).to_dict())
+                config = ml_collections.ConfigDict(
+                    sweep.run_config(base, name, weight, seed, False).to_dict()
+                )
                 config.penalty.layer = config.weight_penalty.layer = layer
                 config.scenario = f'{base.scenario}@{layer}'
                 configs.append(config)
                 workdirs.append(os.path.join(layer_dir, name, layer, f'final_s{seed}'))
-            sweep._train(configs, workdirs, os.path.join(layer_dir, name, layer), progress,  # pylint: disable=protected-access
-                         max_group)
+            sweep._train(
+                configs,
+                workdirs,
+                os.path.join(layer_dir, name, layer),
+                progress,  # pylint: disable=protected-access
+                max_group,
+            )
 
 
 def layer_dependency_results(layer_dir: str, sweep_dir: str) -> dict[str, object]:
@@ -105,13 +116,20 @@ def layer_dependency_results(layer_dir: str, sweep_dir: str) -> dict[str, object
     for run in report.load_runs([layer_dir]).runs:
         per[run.regularizer][run.scenario.split('@')[-1]].append(run.metric)
     results: dict[str, object] = {
-        reg: {layer: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-              for layer, v in layers.items()} for reg, layers in per.items()}
-    baseline = [r.metric for r in report.load_runs([os.path.join(sweep_dir, 'baseline')]).runs
-                if r.phase == 'final']
+        reg: {
+            layer: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+            for layer, v in layers.items()
+        }
+        for reg, layers in per.items()
+    }
+    baseline = [
+        r.metric for r in report.load_runs([os.path.join(sweep_dir, 'baseline')]).runs if r.phase == 'final'
+    ]
     if baseline:
-        results['baseline'] = (float(np.mean(baseline)), float(np.std(baseline, ddof=1)) if len(baseline) > 1
-                               else 0.0)
+        results['baseline'] = (
+            float(np.mean(baseline)),
+            float(np.std(baseline, ddof=1)) if len(baseline) > 1 else 0.0,
+        )
     return results
 
 
@@ -122,8 +140,9 @@ def figure3_title(layer_dir: str, scenario: str) -> str:
     return f'Figure 3: {scenario}, {report.epochs_phrase(scenario, epochs)}'
 
 
-def layer_dependency_figure(layer_dir: str, sweep_dir: str, path: str, layers: Sequence[str],
-                            title: str) -> Mapping[str, object]:
+def layer_dependency_figure(
+    layer_dir: str, sweep_dir: str, path: str, layers: Sequence[str], title: str
+) -> Mapping[str, object]:
     results = layer_dependency_results(layer_dir, sweep_dir)
     plots.plot_layer_dependency(results, path, title=title, layer_order=list(layers))
     return results

@@ -43,104 +43,120 @@ _log = logging.getLogger(__name__)
 
 
 def _sort_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
-  return (record['scenario'], record['regularizer'], record['phase'], record['weight'], record['seed'],
-          record['status'])
+    return (
+        record['scenario'],
+        record['regularizer'],
+        record['phase'],
+        record['weight'],
+        record['seed'],
+        record['status'],
+    )
 
 
 def sweep_records(sweep_dirs: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
-  """The records of every finished or diverged run below ``sweep_dirs``, sorted, and how many files were
-  left out (in progress, unreadable, or too incomplete to place)."""
-  seen = report.LoadedRuns(runs=[])
-  items = report.read_results(sweep_dirs, seen)
-  # sorted() is stable: runs with one key stay in path order, the order load_runs resolves duplicates in.
-  records = sorted((r for _, _, r in items if r['status'] in KEPT_STATUSES), key=_sort_key)
-  left_out = seen.num_files + len(items) - len(records)
-  return [{k: r[k] for k in report.RECORD_FIELDS} for r in records], left_out
+    """The records of every finished or diverged run below ``sweep_dirs``, sorted, and how many files were
+    left out (in progress, unreadable, or too incomplete to place)."""
+    seen = report.LoadedRuns(runs=[])
+    items = report.read_results(sweep_dirs, seen)
+    # sorted() is stable: runs with one key stay in path order, the order load_runs resolves duplicates in.
+    records = sorted((r for _, _, r in items if r['status'] in KEPT_STATUSES), key=_sort_key)
+    left_out = seen.num_files + len(items) - len(records)
+    return [{k: r[k] for k in report.RECORD_FIELDS} for r in records], left_out
 
 
 def export_records(sweep_dirs: Sequence[str], path: str) -> int:
-  """Writes the records file of ``sweep_dirs`` to ``path`` (one JSON line per run); returns the line count."""
-  records, left_out = sweep_records(sweep_dirs)
-  if left_out:
-    _log.warning('%d results.json files below %s are not finished/diverged or unreadable: not exported.',
-                 left_out, ', '.join(sweep_dirs))
-  directory = os.path.dirname(path)
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  with open(path, 'w') as f:
-    for record in records:
-      f.write(json.dumps(record) + '\n')
-  return len(records)
+    """Writes the records file of ``sweep_dirs`` to ``path`` (one JSON line per run); returns the line count."""
+    records, left_out = sweep_records(sweep_dirs)
+    if left_out:
+        _log.warning(
+            '%d results.json files below %s are not finished/diverged or unreadable: not exported.',
+            left_out,
+            ', '.join(sweep_dirs),
+        )
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, 'w') as f:
+        for record in records:
+            f.write(json.dumps(record) + '\n')
+    return len(records)
 
 
 def _read_lines(path: str, out: report.LoadedRuns) -> list[tuple[str, str, dict[str, Any]]]:
-  items = []
-  with open(path) as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f'{os.path.basename(path)}:{number}'
-      try:
-        record = json.loads(line)
-        if not isinstance(record, dict) or any(k not in record for k in _REQUIRED):
-          raise ValueError(f'not a run record (needs {", ".join(_REQUIRED)})')
-      except ValueError as e:
-        _log.warning('Skipping unreadable record %s:%d: %s', path, number, e)
-        out.num_files += 1
-        out.unreadable.append(f'{path}:{number}')
-        out.unreadable_shown.append(where)
-        continue
-      items.append((f'{path}:{number}', where, {k: record.get(k) for k in report.RECORD_FIELDS}))
-  return items
+    items = []
+    with open(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f'{os.path.basename(path)}:{number}'
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or any(k not in record for k in _REQUIRED):
+                    raise ValueError(f'not a run record (needs {", ".join(_REQUIRED)})')
+            except ValueError as e:
+                _log.warning('Skipping unreadable record %s:%d: %s', path, number, e)
+                out.num_files += 1
+                out.unreadable.append(f'{path}:{number}')
+                out.unreadable_shown.append(where)
+                continue
+            items.append((f'{path}:{number}', where, {k: record.get(k) for k in report.RECORD_FIELDS}))
+    return items
 
 
 def load_records(paths: Sequence[str]) -> report.LoadedRuns:
-  """The runs of records files, as `cwreg.experiments.report.load_runs` gives them for the sweep directories.
+    """The runs of records files, as `cwreg.experiments.report.load_runs` gives them for the sweep directories.
 
-  A run repeated (within or across files) keeps its last line, as `load_runs` keeps its last path.
-  """
-  out = report.LoadedRuns(runs=[])
-  items = []
-  for path in paths:
-    items += _read_lines(path, out)
-  return report.collect(items, out)
+    A run repeated (within or across files) keeps its last line, as `load_runs` keeps its last path.
+    """
+    out = report.LoadedRuns(runs=[])
+    items = []
+    for path in paths:
+        items += _read_lines(path, out)
+    return report.collect(items, out)
 
 
 def read_manifest(path: str) -> list[dict[str, Any]]:
-  """The entries of a manifest (see the module docstring), checked.
+    """The entries of a manifest (see the module docstring), checked.
 
-  Raises:
-    ValueError: the manifest is not a list of entries with a string ``out`` and a list ``records``, or an
-      entry has a key other than out, records and tables.
-  """
-  with open(path) as f:
-    entries = json.load(f)
-  if not isinstance(entries, list):
-    raise ValueError(f'{path}: a manifest is a JSON list of reports.')
-  for entry in entries:
-    if not isinstance(entry, dict) or not isinstance(entry.get('out'), str) or not isinstance(
-        entry.get('records'), list):
-      raise ValueError(f'{path}: each entry needs "out" (a path) and "records" (a list of paths): {entry!r}')
-    unknown = set(entry) - MANIFEST_KEYS
-    if unknown:
-      raise ValueError(f'{path}: unknown keys {sorted(unknown)} in {entry["out"]}; known: '
-                       f'{sorted(MANIFEST_KEYS)}')
-  return entries
+    Raises:
+      ValueError: the manifest is not a list of entries with a string ``out`` and a list ``records``, or an
+        entry has a key other than out, records and tables.
+    """
+    with open(path) as f:
+        entries = json.load(f)
+    if not isinstance(entries, list):
+        raise ValueError(f'{path}: a manifest is a JSON list of reports.')
+    for entry in entries:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get('out'), str)
+            or not isinstance(entry.get('records'), list)
+        ):
+            raise ValueError(
+                f'{path}: each entry needs "out" (a path) and "records" (a list of paths): {entry!r}'
+            )
+        unknown = set(entry) - MANIFEST_KEYS
+        if unknown:
+            raise ValueError(
+                f'{path}: unknown keys {sorted(unknown)} in {entry["out"]}; known: {sorted(MANIFEST_KEYS)}'
+            )
+    return entries
 
 
 def render_entry(entry: Mapping[str, Any], root: str = '.') -> str:
-  """The markdown of one manifest entry, from its records alone (paths relative to ``root``)."""
-  paths = [os.path.join(root, p) for p in entry['records']]
-  if 'variants' in entry:  # one records file per variant of the same runs (e.g. the TF 1.x check)
-    from cwreg.experiments import faithfulness  # pylint: disable=g-import-not-at-top  (it imports this module)
-    return faithfulness.document(entry['variants'], paths)
-  return report.render(load_records(paths), tables=entry.get('tables'))
+    """The markdown of one manifest entry, from its records alone (paths relative to ``root``)."""
+    paths = [os.path.join(root, p) for p in entry['records']]
+    if 'variants' in entry:  # one records file per variant of the same runs (e.g. the TF 1.x check)
+        from cwreg.experiments import faithfulness  # pylint: disable=g-import-not-at-top  (it imports this module)
+
+        return faithfulness.document(entry['variants'], paths)
+    return report.render(load_records(paths), tables=entry.get('tables'))
 
 
 def write_manifest(path: str, root: str = '.') -> list[str]:
-  """Regenerates every report of the manifest at ``path``; returns their ``out`` paths (relative to root)."""
-  written = []
-  for entry in read_manifest(path):
-    report.write_text(render_entry(entry, root), os.path.join(root, entry['out']))
-    written.append(entry['out'])
-  return written
+    """Regenerates every report of the manifest at ``path``; returns their ``out`` paths (relative to root)."""
+    written = []
+    for entry in read_manifest(path):
+        report.write_text(render_entry(entry, root), os.path.join(root, entry['out']))
+        written.append(entry['out'])
+    return written

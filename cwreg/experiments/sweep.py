@@ -39,20 +39,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cwreg.training import data as data_lib
+from cwreg import names
 from cwreg.experiments import report
 from cwreg.experiments import stats as stats_lib
 from cwreg.training import config as config_lib
-from cwreg.training import rundir
-from cwreg.training import loop
-from cwreg import names
+from cwreg.training import data as data_lib
+from cwreg.training import loop, rundir
 
 DONE = ('finished', 'diverged')
 VARIABLES_FILE = 'final_variables.msgpack'
 
 
-def run_config(base: ml_collections.ConfigDict, regularizer: str, weight: float, seed: int,
-               validation: bool) -> ml_collections.ConfigDict:
+def run_config(
+    base: ml_collections.ConfigDict, regularizer: str, weight: float, seed: int, validation: bool
+) -> ml_collections.ConfigDict:
     """`base` (a scenario's baseline config) with one regularizer at weight λ, a seed and a data split."""
     config = ml_collections.ConfigDict(base.to_dict())
     names.set_regularizer(config, regularizer, weight)
@@ -65,6 +65,7 @@ def run_config(base: ml_collections.ConfigDict, regularizer: str, weight: float,
 @dataclasses.dataclass(frozen=True)
 class Protocol:
     """Which seeds choose λ and which seeds measure it; disjoint, and shared by every regularizer."""
+
     selection_seeds: tuple[int, ...]
     final_seeds: tuple[int, ...]
 
@@ -72,14 +73,18 @@ class Protocol:
         if not self.selection_seeds or not self.final_seeds:
             raise ValueError(f'A protocol needs at least one selection and one final seed, got {self}.')
         if set(self.selection_seeds) & set(self.final_seeds):
-            raise ValueError(f'Selection and final seeds must be disjoint (a final run of a selection seed '
-                             f'repeats its selection run), got {self}.')
+            raise ValueError(
+                f'Selection and final seeds must be disjoint (a final run of a selection seed '
+                f'repeats its selection run), got {self}.'
+            )
 
     @classmethod
     def of(cls, num_selection: int, num_final: int) -> 'Protocol':
         """Selection seeds 0..S−1, final seeds S..S+F−1."""
         if num_selection < 1 or num_final < 1:
-            raise ValueError(f'Need >= 1 selection and >= 1 final seed, got S={num_selection}, F={num_final}.')
+            raise ValueError(
+                f'Need >= 1 selection and >= 1 final seed, got S={num_selection}, F={num_final}.'
+            )
         return cls(tuple(range(num_selection)), tuple(range(num_selection, num_selection + num_final)))
 
 
@@ -87,8 +92,11 @@ PAPER = Protocol.of(1, 5)
 POWERED = Protocol.of(3, 10)
 
 
-def search_grid(regularizer: str, grid: Sequence[float] = names.WEIGHT_GRID,
-                dropout_grid: Sequence[float] = names.DROPOUT_GRID) -> tuple[float, ...]:
+def search_grid(
+    regularizer: str,
+    grid: Sequence[float] = names.WEIGHT_GRID,
+    dropout_grid: Sequence[float] = names.DROPOUT_GRID,
+) -> tuple[float, ...]:
     """The λ values the select phase tries for `regularizer` (none for the baseline and batch norm)."""
     if regularizer in names.UNSEARCHED:
         return ()
@@ -117,8 +125,12 @@ def _read_results(workdir: str) -> Optional[dict[str, Any]]:
             raise ValueError(f'a JSON {type(result).__name__}, not an object')
         return result
     except (OSError, ValueError) as e:
-        logging.warning('%s is unreadable (%s: %s); the run counts as not done and is trained again.', path,
-                        type(e).__name__, e)
+        logging.warning(
+            '%s is unreadable (%s: %s); the run counts as not done and is trained again.',
+            path,
+            type(e).__name__,
+            e,
+        )
         return None
 
 
@@ -142,14 +154,16 @@ def _discard_results(workdir: str) -> None:
     for name in ('results.json', VARIABLES_FILE, 'stats.json'):
         path = os.path.join(workdir, name)
         if os.path.exists(path):
-            logging.warning('%s is not of the run to train now (another config, or unreadable); removing it.',
-                            path)
+            logging.warning(
+                '%s is not of the run to train now (another config, or unreadable); removing it.', path
+            )
             os.remove(path)
 
 
 @dataclasses.dataclass
 class Progress:
     """Logs 'runs done / total' with an ETA from the wall time of the runs trained in this process."""
+
     total: int
     done: int = 0
     trained: int = 0
@@ -168,29 +182,43 @@ class Progress:
         print(f'[sweep] {self.done}/{self.total} runs done, ETA {eta_text}', flush=True)
 
 
-def _train(configs: list[ml_collections.ConfigDict], workdirs: list[str], group_root: str,
-           progress: Progress, max_group: int) -> None:
+def _train(
+    configs: list[ml_collections.ConfigDict],
+    workdirs: list[str],
+    group_root: str,
+    progress: Progress,
+    max_group: int,
+) -> None:
     """Trains the runs not done yet, `max_group` at a time as vmapped groups."""
     todo = [(c, w) for c, w in zip(configs, workdirs) if status(w, c) not in DONE]
     progress.update(len(configs) - len(todo))
     for _, workdir in todo:
         _discard_results(workdir)
     for start in range(0, len(todo), max_group):
-        group = todo[start:start + max_group]
+        group = todo[start : start + max_group]
         # The group directory is named after its runs, so a resumed sweep finds its own checkpoints.
         identities = '|'.join(f'{w}:{json.dumps(_identity(c), sort_keys=True)}' for c, w in group)
         key = hashlib.sha1(identities.encode()).hexdigest()[:10]
         t0 = time.time()
         group_dir = os.path.join(group_root, f'group_{key}')
-        loop.train_group([c for c, _ in group], [w for _, w in group], group_dir, on_nonfinite='record',
-                          save_variables=True)
+        loop.train_group(
+            [c for c, _ in group],
+            [w for _, w in group],
+            group_dir,
+            on_nonfinite='record',
+            save_variables=True,
+        )
         # Every run of the group has its results and final variables now: its checkpoints are dead weight.
         shutil.rmtree(os.path.join(group_dir, 'checkpoints'), ignore_errors=True)
         progress.update(len(group), trained=len(group), seconds=time.time() - t0)
 
 
-def chosen_weight(sweep_dir: str, regularizer: str, base: Optional[ml_collections.ConfigDict] = None,
-                  seeds: Optional[Sequence[int]] = None) -> Optional[float]:
+def chosen_weight(
+    sweep_dir: str,
+    regularizer: str,
+    base: Optional[ml_collections.ConfigDict] = None,
+    seeds: Optional[Sequence[int]] = None,
+) -> Optional[float]:
     """The λ of the regularizer's select runs with the lowest mean validation error (None if none finished).
 
     The baseline and batch norm have no λ: 0. With `base` (the config given to `run_sweep`), only runs of
@@ -200,42 +228,69 @@ def chosen_weight(sweep_dir: str, regularizer: str, base: Optional[ml_collection
     """
     if regularizer in names.UNSEARCHED:
         return 0.0
-    runs = [run for run in report.load_runs([os.path.join(sweep_dir, regularizer)]).runs
-            if run.phase == 'select' and (seeds is None or run.seed in seeds)]
+    runs = [
+        run
+        for run in report.load_runs([os.path.join(sweep_dir, regularizer)]).runs
+        if run.phase == 'select' and (seeds is None or run.seed in seeds)
+    ]
     if base is not None:
-        runs = [run for run in runs
-                if _is_of(_read_results(os.path.dirname(run.path)) or {},
-                          run_config(base, regularizer, run.weight, run.seed, validation=True))]
+        runs = [
+            run
+            for run in runs
+            if _is_of(
+                _read_results(os.path.dirname(run.path)) or {},
+                run_config(base, regularizer, run.weight, run.seed, validation=True),
+            )
+        ]
     if seeds is not None:  # a λ competes only on its whole set of seeds, not on a lucky part of it
-        complete = {w for w in {r.weight for r in runs}
-                    if {r.seed for r in runs if r.weight == w} >= set(seeds)}
+        complete = {
+            w for w in {r.weight for r in runs} if {r.seed for r in runs if r.weight == w} >= set(seeds)
+        }
         runs = [run for run in runs if run.weight in complete]
     weight, _ = report.select_weight(runs)
     return weight
 
 
-def run_sweep(base: ml_collections.ConfigDict, sweep_dir: str,
-              regularizers: Sequence[str] = names.REGULARIZERS, grid: Sequence[float] = names.WEIGHT_GRID,
-              protocol: Protocol = POWERED, max_group: int = 6, statistics: bool = True,
-              dropout_grid: Sequence[float] = names.DROPOUT_GRID) -> dict[str, Optional[float]]:
+def run_sweep(
+    base: ml_collections.ConfigDict,
+    sweep_dir: str,
+    regularizers: Sequence[str] = names.REGULARIZERS,
+    grid: Sequence[float] = names.WEIGHT_GRID,
+    protocol: Protocol = POWERED,
+    max_group: int = 6,
+    statistics: bool = True,
+    dropout_grid: Sequence[float] = names.DROPOUT_GRID,
+) -> dict[str, Optional[float]]:
     """Runs (or resumes) the protocol above for `base`'s scenario; returns the chosen λ per regularizer."""
     for name in regularizers:
         if name not in names.REGULARIZERS:
             raise ValueError(f'Unknown regularizer {name!r}; valid: {list(names.REGULARIZERS)}.')
     for name in regularizers:  # e.g. dropout for the autoencoder: fail before anything trains
-        config_lib.validate_config(run_config(base, name, (search_grid(name, grid, dropout_grid) or (0.0,))[0],
-                                         protocol.final_seeds[0], validation=False))
+        config_lib.validate_config(
+            run_config(
+                base,
+                name,
+                (search_grid(name, grid, dropout_grid) or (0.0,))[0],
+                protocol.final_seeds[0],
+                validation=False,
+            )
+        )
     sweep_dir = os.path.abspath(sweep_dir)
     grids = {r: search_grid(r, grid, dropout_grid) for r in regularizers}
-    progress = Progress(total=sum(len(g) * len(protocol.selection_seeds) + len(protocol.final_seeds)
-                                  for g in grids.values()))
+    progress = Progress(
+        total=sum(len(g) * len(protocol.selection_seeds) + len(protocol.final_seeds) for g in grids.values())
+    )
     chosen = {}
     for regularizer in regularizers:
         root = os.path.join(sweep_dir, regularizer)
         select = [(w, s) for w in grids[regularizer] for s in protocol.selection_seeds]
-        _train([run_config(base, regularizer, w, s, validation=True) for w, s in select],
-               [run_dir(sweep_dir, regularizer, 'select', weight=w, seed=s) for w, s in select],
-               root, progress, max_group)
+        _train(
+            [run_config(base, regularizer, w, s, validation=True) for w, s in select],
+            [run_dir(sweep_dir, regularizer, 'select', weight=w, seed=s) for w, s in select],
+            root,
+            progress,
+            max_group,
+        )
         chosen[regularizer] = chosen_weight(sweep_dir, regularizer, base, protocol.selection_seeds)
         if chosen[regularizer] is None:
             logging.warning('%s: every λ diverged; no final runs.', regularizer)
@@ -243,8 +298,16 @@ def run_sweep(base: ml_collections.ConfigDict, sweep_dir: str,
             continue
         logging.info('%s: chose λ=%g on the validation split.', regularizer, chosen[regularizer])
         final_dirs = [run_dir(sweep_dir, regularizer, 'final', seed=s) for s in protocol.final_seeds]
-        _train([run_config(base, regularizer, chosen[regularizer], s, validation=False)
-                for s in protocol.final_seeds], final_dirs, root, progress, max_group)
+        _train(
+            [
+                run_config(base, regularizer, chosen[regularizer], s, validation=False)
+                for s in protocol.final_seeds
+            ],
+            final_dirs,
+            root,
+            progress,
+            max_group,
+        )
         if statistics:
             for workdir in final_dirs:
                 write_statistics(workdir)
@@ -260,9 +323,14 @@ def load_variables(workdir: str) -> dict[str, Any]:
         return flax.serialization.msgpack_restore(f.read())
 
 
-def representations(config: ml_collections.ConfigDict, variables: Optional[dict[str, Any]],
-                    images: np.ndarray, layers: Sequence[str], num_classes: int,
-                    batch_size: int = 1000) -> dict[str, np.ndarray]:
+def representations(
+    config: ml_collections.ConfigDict,
+    variables: Optional[dict[str, Any]],
+    images: np.ndarray,
+    layers: Sequence[str],
+    num_classes: int,
+    batch_size: int = 1000,
+) -> dict[str, np.ndarray]:
     """Sown representations (e.g. 'layer5', 'layer5_preact') of `images`, flattened to (N, I).
 
     `variables=None` uses the model at initialization (seed `config.seed`).
@@ -276,7 +344,7 @@ def representations(config: ml_collections.ConfigDict, variables: Optional[dict[
         _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
         return {name: state['intermediates'][name][0].reshape(x.shape[0], -1) for name in layers}
 
-    chunks = [forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    chunks = [forward(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     return {name: np.concatenate([np.asarray(c[name], np.float32) for c in chunks]) for name in layers}
 
 
@@ -292,7 +360,9 @@ def write_statistics(workdir: str, dataset: Optional[data_lib.Dataset] = None) -
     reps = representations(config, load_variables(workdir), dataset.eval.images, [layer], dataset.num_classes)
     values = stats_lib.representation_statistics(reps[layer], dataset.eval.labels)
     with open(os.path.join(workdir, 'stats.json'), 'w') as f:
-        json.dump({**values, 'layer': layer, 'split': 'validation' if config.dataset.validation else 'test'},
-                  f, indent=2)
+        json.dump(
+            {**values, 'layer': layer, 'split': 'validation' if config.dataset.validation else 'test'},
+            f,
+            indent=2,
+        )
     return values
-

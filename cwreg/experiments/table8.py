@@ -42,11 +42,10 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
-from cwreg.training import data as data_lib
-from cwreg.experiments import report
-from cwreg.experiments import sweep
 from cwreg import names
+from cwreg.experiments import report, sweep
 from cwreg.training import config as config_lib
+from cwreg.training import data as data_lib
 from cwreg.training import loop
 
 DATASET = 'cifar10_partial'
@@ -66,6 +65,7 @@ DEFAULT_WORK_DIR = os.path.join(REPO_ROOT, 'workdirs', 'table8')
 @dataclasses.dataclass(frozen=True)
 class Scale:
     """How much of everything: the data subset, the sweeps' grid and seeds, and the training overrides."""
+
     name: str
     num_train: int  # first training images prepared (the holdout is their last `holdout`)
     num_test: int  # first test images prepared
@@ -85,16 +85,29 @@ class Scale:
 
 # statistics=False: Table 8 needs none, and run_sweep recomputes them on every call (a compiled forward per
 # final run: minutes of accelerator time for 80 runs).
-FULL = Scale('full', num_train=10_000, num_test=10_000, holdout=5_000,
-             train_sizes=(('size1k', 1_000), ('size5k', 5_000)), weights=names.WEIGHT_GRID,
-             protocol=sweep.PAPER, statistics=False)
+FULL = Scale(
+    'full',
+    num_train=10_000,
+    num_test=10_000,
+    holdout=5_000,
+    train_sizes=(('size1k', 1_000), ('size5k', 5_000)),
+    weights=names.WEIGHT_GRID,
+    protocol=sweep.PAPER,
+    statistics=False,
+)
 # 2 λ, 1 selection and 2 final seeds: select and final groups have the same shapes, so one compiled program
 # serves both (with the persistent compilation cache the launch script turns on); compiling dominates a toy run.
-TOY = Scale('toy', num_train=300, num_test=100, holdout=100,
-            train_sizes=(('size1k', 100), ('size5k', 200)), weights=(0.01, 1.0),
-            protocol=sweep.Protocol((0,), (1, 2)),
-            overrides=(('num_epochs', 1), ('batch_size', 50), ('eval_batch_size', 100),
-                       ('checkpoint', False)), statistics=False)
+TOY = Scale(
+    'toy',
+    num_train=300,
+    num_test=100,
+    holdout=100,
+    train_sizes=(('size1k', 100), ('size5k', 200)),
+    weights=(0.01, 1.0),
+    protocol=sweep.Protocol((0,), (1, 2)),
+    overrides=(('num_epochs', 1), ('batch_size', 50), ('eval_batch_size', 100), ('checkpoint', False)),
+    statistics=False,
+)
 SCALES = {s.name: s for s in (FULL, TOY)}
 
 
@@ -132,15 +145,20 @@ def _subset(scale: Scale) -> dict[str, Any]:
 
 def _is_prepared(data_dir: str) -> bool:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     return tfds.builder(DATASET, data_dir=data_dir).is_prepared()
 
 
 def _prepare_first_examples(source_dir: str, data_dir: str, num_train: int, num_test: int) -> None:
     """A `cifar10_partial` holding only the first examples of each split (the toy scale)."""
     import itertools  # pylint: disable=g-import-not-at-top
+
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    from cwreg.training import cifar10_partial  # pylint: disable=g-import-not-at-top
-    from cwreg.training import prepare  # pylint: disable=g-import-not-at-top
+
+    from cwreg.training import (
+        cifar10_partial,  # pylint: disable=g-import-not-at-top
+        prepare,  # pylint: disable=g-import-not-at-top
+    )
 
     limits = {'train': num_train, 'test': num_test}
 
@@ -157,11 +175,13 @@ def _prepare_first_examples(source_dir: str, data_dir: str, num_train: int, num_
 
     tfds.disable_progress_bar()
     FirstExamples(data_dir=data_dir).download_and_prepare(
-        download_config=prepare._download_config(source_dir))  # pylint: disable=protected-access
+        download_config=prepare._download_config(source_dir)
+    )  # pylint: disable=protected-access
 
 
-def prepare_subset(data_dir: str = DEFAULT_DATA_DIR, source_dir: str = DEFAULT_SOURCE_DIR,
-                   scale: Scale = FULL) -> dict[str, Any]:
+def prepare_subset(
+    data_dir: str = DEFAULT_DATA_DIR, source_dir: str = DEFAULT_SOURCE_DIR, scale: Scale = FULL
+) -> dict[str, Any]:
     """Prepares (or finds prepared) the scale's subset in `data_dir`; returns where, its size and whether new.
 
     The full scale is :func:`cwreg.training.prepare.prepare_dataset`'s `cifar10_partial` of `data_batch_1` + the test
@@ -173,8 +193,10 @@ def prepare_subset(data_dir: str = DEFAULT_DATA_DIR, source_dir: str = DEFAULT_S
     want = _subset(scale)
     marker = _read_json(marker_path)
     if marker is not None and marker != want:
-        raise ValueError(f'{data_dir} holds the subset {marker}, not {want}; use another data dir for this '
-                         'scale, or delete it to prepare again.')
+        raise ValueError(
+            f'{data_dir} holds the subset {marker}, not {want}; use another data dir for this '
+            'scale, or delete it to prepare again.'
+        )
     t0 = time.time()
     newly = not (marker == want and _is_prepared(data_dir))
     if newly:
@@ -182,12 +204,16 @@ def prepare_subset(data_dir: str = DEFAULT_DATA_DIR, source_dir: str = DEFAULT_S
             raise data_lib.DatasetNotPreparedError(
                 f'{data_dir} holds no prepared CIFAR-10 subset and the source {source_dir} is absent: prepare '
                 'it where ../shared/data/cifar10-partial exists (the same command, or --prepare_only) and '
-                'carry the folder.')
+                'carry the folder.'
+            )
         if os.path.exists(os.path.join(data_dir, DATASET)):
-            raise ValueError(f'{data_dir} holds a {DATASET} dataset without {MARKER} (not prepared by '
-                             'cwreg.experiments.table8): use another data dir, or delete it.')
+            raise ValueError(
+                f'{data_dir} holds a {DATASET} dataset without {MARKER} (not prepared by '
+                'cwreg.experiments.table8): use another data dir, or delete it.'
+            )
         if scale.num_train == FULL.num_train and scale.num_test == FULL.num_test:
             from cwreg.training import prepare  # pylint: disable=g-import-not-at-top
+
             prepare.prepare_dataset(DATASET, source_dir=source_dir, data_dir=data_dir)
         else:
             _prepare_first_examples(source_dir, data_dir, scale.num_train, scale.num_test)
@@ -197,8 +223,12 @@ def prepare_subset(data_dir: str = DEFAULT_DATA_DIR, source_dir: str = DEFAULT_S
         for dirpath, _, _ in sorted(os.walk(os.path.join(data_dir, 'downloads')), reverse=True):
             with contextlib.suppress(OSError):  # only empty folders go
                 os.rmdir(dirpath)
-    return {'data_dir': data_dir, 'size_bytes': prepared_size(data_dir), 'prepared_now': newly,
-            'seconds': time.time() - t0}
+    return {
+        'data_dir': data_dir,
+        'size_bytes': prepared_size(data_dir),
+        'prepared_now': newly,
+        'seconds': time.time() - t0,
+    }
 
 
 def stage(data_dir: str, work_dir: str) -> str:
@@ -209,9 +239,11 @@ def stage(data_dir: str, work_dir: str) -> str:
     """
     target = os.path.join(os.path.abspath(work_dir), 'tfds')
     files = _tfds_files(data_dir) + [MARKER]
-    same = all(os.path.exists(os.path.join(target, p))
-               and os.path.getsize(os.path.join(target, p)) == os.path.getsize(os.path.join(data_dir, p))
-               for p in files)
+    same = all(
+        os.path.exists(os.path.join(target, p))
+        and os.path.getsize(os.path.join(target, p)) == os.path.getsize(os.path.join(data_dir, p))
+        for p in files
+    )
     if not same:
         shutil.rmtree(target, ignore_errors=True)
         for p in files:
@@ -240,8 +272,10 @@ def check_holdout(data_dir: str, scale: Scale) -> None:
     want = (scale.num_train - scale.holdout, scale.holdout)
     got = (ds.train.num_examples, ds.eval.num_examples)
     if got != want:
-        raise RuntimeError(f'Validation split of {data_dir}: {got[0]} train / {got[1]} validation examples, '
-                           f'expected {want}; cwreg.training.data no longer reads VALIDATION_SIZE as this module assumes.')
+        raise RuntimeError(
+            f'Validation split of {data_dir}: {got[0]} train / {got[1]} validation examples, '
+            f'expected {want}; cwreg.training.data no longer reads VALIDATION_SIZE as this module assumes.'
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -251,6 +285,7 @@ def check_holdout(data_dir: str, scale: Scale) -> None:
 def base_config(scenario: str, data_dir: str, scale: Scale = FULL) -> ml_collections.ConfigDict:
     """`configs/cifar10_cnn.py:<scenario>` on the prepared subset, with the scale's overrides."""
     from configs import cifar10_cnn  # pylint: disable=g-import-not-at-top  (needs the checkout on sys.path)
+
     config = cifar10_cnn.get_config(f'baseline,{scenario}')
     config.dataset.name = DATASET
     config.dataset.data_dir = os.path.abspath(data_dir)
@@ -270,8 +305,10 @@ def _check_work_dir(work_dir: str, scale: Scale) -> None:
     path = os.path.join(work_dir, SCALE_FILE)
     recorded = _read_json(path)
     if recorded is not None and recorded != scale.to_dict():
-        raise ValueError(f'{work_dir} holds runs of the {recorded.get("name")!r} scale ({path}); use another '
-                         f'work dir for the {scale.name!r} scale.')
+        raise ValueError(
+            f'{work_dir} holds runs of the {recorded.get("name")!r} scale ({path}); use another '
+            f'work dir for the {scale.name!r} scale.'
+        )
     os.makedirs(work_dir, exist_ok=True)
     with open(path, 'w') as f:
         json.dump(scale.to_dict(), f, indent=2, sort_keys=True)
@@ -281,8 +318,14 @@ def sweep_dir(work_dir: str, scenario: str) -> str:
     return os.path.join(os.path.abspath(work_dir), scenario)
 
 
-def run_columns(data_dir: str, work_dir: str, scale: Scale = FULL, scenarios: Sequence[str] = SCENARIOS,
-                regularizers: Sequence[str] = REGULARIZERS, max_group: int = 6) -> dict[str, dict]:
+def run_columns(
+    data_dir: str,
+    work_dir: str,
+    scale: Scale = FULL,
+    scenarios: Sequence[str] = SCENARIOS,
+    regularizers: Sequence[str] = REGULARIZERS,
+    max_group: int = 6,
+) -> dict[str, dict]:
     """Both columns' sweeps (resumable); returns the chosen λ per scenario and regularizer."""
     for scenario in scenarios:
         if scenario not in SCENARIOS:
@@ -296,9 +339,14 @@ def run_columns(data_dir: str, work_dir: str, scale: Scale = FULL, scenarios: Se
         for scenario in scenarios:
             print(f'[table8] column {scenario}: {scale.name} scale', flush=True)
             chosen[scenario] = sweep.run_sweep(
-                base_config(scenario, staged, scale), sweep_dir(work_dir, scenario), regularizers=regularizers,
-                grid=scale.weights, protocol=scale.protocol, max_group=max_group,
-                statistics=scale.statistics)
+                base_config(scenario, staged, scale),
+                sweep_dir(work_dir, scenario),
+                regularizers=regularizers,
+                grid=scale.weights,
+                protocol=scale.protocol,
+                max_group=max_group,
+                statistics=scale.statistics,
+            )
     return chosen
 
 
@@ -308,8 +356,16 @@ def run_columns(data_dir: str, work_dir: str, scale: Scale = FULL, scenarios: Se
 
 def _commit() -> Optional[str]:
     try:
-        return subprocess.run(['git', '-C', REPO_ROOT, 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ['git', '-C', REPO_ROOT, 'rev-parse', '--short', 'HEAD'],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -325,39 +381,53 @@ def run_records(sweep_dirs: Sequence[str]) -> list[dict[str, Any]]:
             if not isinstance(result, dict):
                 continue
             config = result.get('config') or {}
-            records.append({
-                'scenario': result.get('scenario'), 'regularizer': result.get('regularizer'),
-                'weight': result.get('weight'), 'seed': result.get('seed'), 'phase': result.get('phase'),
-                'eval_split': result.get('eval_split'), 'status': result.get('status'),
-                'train_size': (config.get('dataset') or {}).get('train_size'),
-                'epochs': result.get('epochs'), 'steps': result.get('steps'), 'error': result.get('error'),
-                'loss': result.get('loss'), 'penalty_value': result.get('penalty_value'),
-                'wall_time_s': result.get('wall_time_s'), 'runs_in_group': result.get('runs_in_group'),
-                'git_commit': (result.get('provenance') or {}).get('git_commit'),
-                'device_kind': (result.get('provenance') or {}).get('device_kind'),
-                'path': os.path.relpath(root, directory)})
+            records.append(
+                {
+                    'scenario': result.get('scenario'),
+                    'regularizer': result.get('regularizer'),
+                    'weight': result.get('weight'),
+                    'seed': result.get('seed'),
+                    'phase': result.get('phase'),
+                    'eval_split': result.get('eval_split'),
+                    'status': result.get('status'),
+                    'train_size': (config.get('dataset') or {}).get('train_size'),
+                    'epochs': result.get('epochs'),
+                    'steps': result.get('steps'),
+                    'error': result.get('error'),
+                    'loss': result.get('loss'),
+                    'penalty_value': result.get('penalty_value'),
+                    'wall_time_s': result.get('wall_time_s'),
+                    'runs_in_group': result.get('runs_in_group'),
+                    'git_commit': (result.get('provenance') or {}).get('git_commit'),
+                    'device_kind': (result.get('provenance') or {}).get('device_kind'),
+                    'path': os.path.relpath(root, directory),
+                }
+            )
     return records
 
 
 def _protocol_lines(scale: Scale, scenarios: Sequence[str]) -> list[str]:
     sizes = ', '.join(f'{s} = first {scale.train_size(s):,} training images' for s in scenarios)
-    overrides = ', '.join(f'{k}={v}' for k, v in scale.overrides) or 'none (configs/cifar10_cnn.py as is: '\
-        '50 epochs, batch 100, Adam 1e-4, penalties on `fc`)'
+    overrides = (
+        ', '.join(f'{k}={v}' for k, v in scale.overrides)
+        or 'none (configs/cifar10_cnn.py as is: 50 epochs, batch 100, Adam 1e-4, penalties on `fc`)'
+    )
     return [
         f'Data: `{DATASET}` (CIFAR-10 `data_batch_1` + test batch, prepared {scale.num_train:,} training / '
         f'{scale.num_test:,} test images). Columns: {sizes}.',
-        f'Protocol: λ ∈ {{{", ".join(report.format_weight(w) for w in scale.weights)}}} trained on the column\'s '
+        f"Protocol: λ ∈ {{{', '.join(report.format_weight(w) for w in scale.weights)}}} trained on the column's "
         f'training images and evaluated on a validation hold-out of training images '
         f'{scale.num_train - scale.holdout:,}–{scale.num_train - 1:,} ({scale.holdout:,} images; the paper '
-        f'holds out CIFAR-10\'s last 10,000, which this subset lacks); the λ with the lowest validation error, '
+        f"holds out CIFAR-10's last 10,000, which this subset lacks); the λ with the lowest validation error, "
         f'chosen by the mean over selection seed(s) {list(scale.protocol.selection_seeds)}, then final seeds '
         f'{list(scale.protocol.final_seeds)} evaluated on the {scale.num_test:,} test images. Config overrides: '
         f'{overrides}. Code commit: {_commit() or "unknown"}.',
     ]
 
 
-def write_tables(work_dir: str, out_dir: str, scale: Scale = FULL,
-                 scenarios: Sequence[str] = SCENARIOS) -> dict[str, str]:
+def write_tables(
+    work_dir: str, out_dir: str, scale: Scale = FULL, scenarios: Sequence[str] = SCENARIOS
+) -> dict[str, str]:
     """Writes `table8.md` (the columns, λ searches), `runs.jsonl` and the full `report.md` into `out_dir`."""
     dirs = [sweep_dir(work_dir, s) for s in scenarios if os.path.isdir(sweep_dir(work_dir, s))]
     loaded = report.load_runs(dirs)
@@ -369,17 +439,27 @@ def write_tables(work_dir: str, out_dir: str, scale: Scale = FULL,
     if scale is not FULL:
         title += f' — {scale.name.upper()} SCALE, NOT A RESULT'
     spec = dataclasses.replace(full_spec, title=title, columns=columns)
-    lines = [f'# {spec.title}', '', *_protocol_lines(scale, scenarios), '',
-             f'{len(loaded.runs)} finished runs, {loaded.num_unfinished} not finished (missing: `—`).', '',
-             report.CONVENTIONS, '']
+    lines = [
+        f'# {spec.title}',
+        '',
+        *_protocol_lines(scale, scenarios),
+        '',
+        f'{len(loaded.runs)} finished runs, {loaded.num_unfinished} not finished (missing: `—`).',
+        '',
+        report.CONVENTIONS,
+        '',
+    ]
     lines += report.render_error_table(spec, cells, paper) + ['']
     for column in columns:
         if column.scenario in cells:
             lines += [f'## λ search, `{column.scenario}` (validation error %; bold = chosen λ)', '']
             lines += report.render_lambda_search(cells[column.scenario], 'error') + ['']
     os.makedirs(out_dir, exist_ok=True)
-    paths = {'tables': os.path.join(out_dir, TABLES_FILE), 'runs': os.path.join(out_dir, RUNS_FILE),
-             'report': os.path.join(out_dir, REPORT_FILE)}
+    paths = {
+        'tables': os.path.join(out_dir, TABLES_FILE),
+        'runs': os.path.join(out_dir, RUNS_FILE),
+        'report': os.path.join(out_dir, REPORT_FILE),
+    }
     with open(paths['tables'], 'w') as f:
         f.write('\n'.join(lines).rstrip() + '\n')
     with open(paths['runs'], 'w') as f:
@@ -389,10 +469,18 @@ def write_tables(work_dir: str, out_dir: str, scale: Scale = FULL,
     return paths
 
 
-def main(*, toy: bool = False, source_dir: str = DEFAULT_SOURCE_DIR, data_dir: Optional[str] = None,
-         work_dir: Optional[str] = None, out_dir: Optional[str] = None, scenarios: Sequence[str] = SCENARIOS,
-         regularizers: Sequence[str] = REGULARIZERS, max_group: int = 6, prepare_only: bool = False
-         ) -> dict[str, Any]:
+def main(
+    *,
+    toy: bool = False,
+    source_dir: str = DEFAULT_SOURCE_DIR,
+    data_dir: Optional[str] = None,
+    work_dir: Optional[str] = None,
+    out_dir: Optional[str] = None,
+    scenarios: Sequence[str] = SCENARIOS,
+    regularizers: Sequence[str] = REGULARIZERS,
+    max_group: int = 6,
+    prepare_only: bool = False,
+) -> dict[str, Any]:
     """Prepare (or reuse) the subset, run both columns, write the tables. The launch script's whole work."""
     scale = TOY if toy else FULL
     data_dir = data_dir or (DEFAULT_DATA_DIR + ('_toy' if toy else ''))
@@ -400,8 +488,11 @@ def main(*, toy: bool = False, source_dir: str = DEFAULT_SOURCE_DIR, data_dir: O
     out_dir = out_dir or os.path.join(work_dir, 'tables')
     t0 = time.time()
     prepared = prepare_subset(data_dir, source_dir, scale)
-    print(f'[table8] subset in {prepared["data_dir"]}: {prepared["size_bytes"] / 1e6:.1f} MB '
-          f'({"prepared now" if prepared["prepared_now"] else "already prepared"})', flush=True)
+    print(
+        f'[table8] subset in {prepared["data_dir"]}: {prepared["size_bytes"] / 1e6:.1f} MB '
+        f'({"prepared now" if prepared["prepared_now"] else "already prepared"})',
+        flush=True,
+    )
     if prepare_only:
         return {'prepared': prepared}
     chosen = run_columns(data_dir, work_dir, scale, scenarios, regularizers, max_group)

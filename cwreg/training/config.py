@@ -17,8 +17,7 @@ import optax
 from cwreg import penalties
 from cwreg.names import NO_PENALTY, ConfigError
 from cwreg.training import data as data_lib
-from cwreg.training import models
-from cwreg.training import optim
+from cwreg.training import models, optim
 
 #: The name of the mapped device axis: the step's collectives and synced batch norm reduce over it.
 AXIS = 'batch'
@@ -49,11 +48,16 @@ def _model_options(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any
     """
     batchnorm = bool(config.model.get('batchnorm', False))
     return {
-        'init': dict(kernel_init=config.model.get('kernel_init', 'lecun_normal'),
-                     bias_init=float(config.model.get('bias_init', 0.0))),
+        'init': dict(
+            kernel_init=config.model.get('kernel_init', 'lecun_normal'),
+            bias_init=float(config.model.get('bias_init', 0.0)),
+        ),
         # dropout: whether the layers exist; their rate is a traced per-run input (weights['dropout']).
-        'shaping': dict(dropout=config.model.get('dropout', 0.0) > 0, batchnorm=batchnorm,
-                        bn_axis_name=AXIS if batchnorm else None),
+        'shaping': dict(
+            dropout=config.model.get('dropout', 0.0) > 0,
+            batchnorm=batchnorm,
+            bn_axis_name=AXIS if batchnorm else None,
+        ),
     }
 
 
@@ -63,10 +67,16 @@ def model_from_config(config: ml_collections.ConfigDict, num_classes: int) -> mo
     _choice('model', name, models.MODELS)
     options = _model_options(config)
     kwargs = {
-        'mlp': dict(num_classes=num_classes, width=config.model.width, depth=config.model.depth,
-                    **options['init'], **options['shaping']),
-        'cnn': dict(num_classes=num_classes, fc_width=config.model.width, **options['init'],
-                    **options['shaping']),
+        'mlp': dict(
+            num_classes=num_classes,
+            width=config.model.width,
+            depth=config.model.depth,
+            **options['init'],
+            **options['shaping'],
+        ),
+        'cnn': dict(
+            num_classes=num_classes, fc_width=config.model.width, **options['init'], **options['shaping']
+        ),
         'resnet': dict(num_classes=num_classes, depth=config.model.depth, bn_axis_name=AXIS),
         'autoencoder': dict(**options['init']),
     }[name]
@@ -85,8 +95,11 @@ def _is_int(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    return (isinstance(value, (int, float, np.integer, np.floating))
-            and not isinstance(value, (bool, np.bool_)) and math.isfinite(value))
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+    )
 
 
 def _is_bool(value) -> bool:
@@ -94,8 +107,11 @@ def _is_bool(value) -> bool:
 
 
 def _increasing_steps(value) -> bool:
-    return (isinstance(value, (tuple, list)) and all(_is_int(b) and b > 0 for b in value)
-            and all(a < b for a, b in zip(value, value[1:])))
+    return (
+        isinstance(value, (tuple, list))
+        and all(_is_int(b) and b > 0 for b in value)
+        and all(a < b for a, b in zip(value, value[1:]))
+    )
 
 
 #: Every field of configs/default.py that has a range (choices are checked in validate_config), with it.
@@ -120,13 +136,17 @@ FIELD_RANGES = {
     'optimizer.learning_rate': (lambda v: _is_real(v) and v > 0, 'a finite number > 0'),
     'optimizer.momentum': (lambda v: _is_real(v) and 0 <= v < 1, 'a number in [0, 1)'),
     'optimizer.tf1': (_is_bool, 'True or False'),
-    'optimizer.boundaries': (_increasing_steps,
-                             'a strictly increasing tuple of steps >= 1, e.g. (32000, 48000)'),
+    'optimizer.boundaries': (
+        _increasing_steps,
+        'a strictly increasing tuple of steps >= 1, e.g. (32000, 48000)',
+    ),
     'optimizer.decay_factor': (lambda v: _is_real(v) and v > 0, 'a finite number > 0'),
     'batch_size': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
     'num_epochs': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
-    'num_train_steps': (lambda v: _is_int(v) and (v == -1 or v >= 1),
-                        '-1 (train num_epochs) or an integer >= 1'),
+    'num_train_steps': (
+        lambda v: _is_int(v) and (v == -1 or v >= 1),
+        '-1 (train num_epochs) or an integer >= 1',
+    ),
     'eval_batch_size': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
     'eval_every_epochs': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
     'steps_per_dispatch': (lambda v: _is_int(v) and v >= 1, 'an integer >= 1'),
@@ -146,14 +166,18 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
         if not valid(value):
             raise ConfigError(f'config.{field} must be {description}, got {value!r}.')
     if config.model.name == 'resnet' and (config.model.depth < 8 or (config.model.depth - 2) % 6):
-        raise ConfigError('config.model.depth must be 6n + 2 with n >= 1 for a ResNet (e.g. 20, 32, 56, '
-                          f'110), got {config.model.depth}.')
+        raise ConfigError(
+            'config.model.depth must be 6n + 2 with n >= 1 for a ResNet (e.g. 20, 32, 56, '
+            f'110), got {config.model.depth}.'
+        )
     dataset = config.dataset
     if dataset.num_classes:
         total = data_lib.NUM_CLASSES[dataset.name]
         if not (_is_int(dataset.num_classes) and 2 <= dataset.num_classes <= total):
-            raise ConfigError(f'config.dataset.num_classes must be 0 (all) or an integer in [2, {total}] for '
-                              f'{dataset.name}, got {dataset.num_classes!r}.')
+            raise ConfigError(
+                f'config.dataset.num_classes must be 0 (all) or an integer in [2, {total}] for '
+                f'{dataset.name}, got {dataset.num_classes!r}.'
+            )
 
 
 def _check_model_options(config: ml_collections.ConfigDict) -> None:
@@ -162,18 +186,24 @@ def _check_model_options(config: ml_collections.ConfigDict) -> None:
     if name not in SHAPING_FAMILIES:
         has = {'resnet': ' (the ResNet has batch norm of its own)'}.get(name, '')
         if config.model.dropout:
-            raise ConfigError(f'config.model.dropout must be 0 for model {name!r}{has}: only '
-                              f'{list(SHAPING_FAMILIES)} have dropout layers, got {config.model.dropout!r}.')
+            raise ConfigError(
+                f'config.model.dropout must be 0 for model {name!r}{has}: only '
+                f'{list(SHAPING_FAMILIES)} have dropout layers, got {config.model.dropout!r}.'
+            )
         if config.model.batchnorm:
-            raise ConfigError(f'config.model.batchnorm must be False for model {name!r}{has}: only '
-                              f'{list(SHAPING_FAMILIES)} take optional batch norm, got True.')
+            raise ConfigError(
+                f'config.model.batchnorm must be False for model {name!r}{has}: only '
+                f'{list(SHAPING_FAMILIES)} take optional batch norm, got True.'
+            )
     if name not in INIT_FAMILIES:
         defaults = {'kernel_init': 'lecun_normal', 'bias_init': 0.0}
         for field, default in defaults.items():
             if config.model[field] != default:
-                raise ConfigError(f'config.model.{field} must be {default!r} for model {name!r} (He init, '
-                                  f'bias-free convolutions): only {list(INIT_FAMILIES)} take it, got '
-                                  f'{config.model[field]!r}.')
+                raise ConfigError(
+                    f'config.model.{field} must be {default!r} for model {name!r} (He init, '
+                    f'bias-free convolutions): only {list(INIT_FAMILIES)} take it, got '
+                    f'{config.model[field]!r}.'
+                )
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -191,24 +221,33 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(f'layer of model {config.model.name!r}', config.penalty.layer, layers)
     _choice('weight penalty', config.weight_penalty.name, (NO_PENALTY, *penalties.WEIGHT_PENALTIES))
     if config.weight_penalty.layer != 'all':
-        _choice(f'weight-penalty layer of model {config.model.name!r}', config.weight_penalty.layer,
-                ('all', *layers))
+        _choice(
+            f'weight-penalty layer of model {config.model.name!r}',
+            config.weight_penalty.layer,
+            ('all', *layers),
+        )
     _choice('optimizer', config.optimizer.name, OPTIMIZERS)
     _choice('learning-rate schedule', config.optimizer.schedule, SCHEDULES)
     if config.batch_size % jax.device_count():
-        raise ConfigError(f'config.batch_size must be a multiple of the {jax.device_count()} devices, got '
-                          f'{config.batch_size}.')
+        raise ConfigError(
+            f'config.batch_size must be a multiple of the {jax.device_count()} devices, got '
+            f'{config.batch_size}.'
+        )
     # eval_batch_size needs no such check: evaluation steps are whole training batches (eval_step_size).
     if config.dataset.train_size and config.batch_size > config.dataset.train_size:
-        raise ConfigError(f'config.batch_size must be at most config.dataset.train_size '
-                          f'({config.dataset.train_size}), got {config.batch_size}.')
+        raise ConfigError(
+            f'config.batch_size must be at most config.dataset.train_size '
+            f'({config.dataset.train_size}), got {config.batch_size}.'
+        )
 
 
 def check_data_fits(config: ml_collections.ConfigDict, num_train: int) -> int:
     """The number of steps the run trains; raises ConfigError where the loaded data cannot give one."""
     if config.batch_size > num_train:
-        raise ConfigError(f'config.batch_size must be at most the {num_train} training examples of '
-                          f'{config.dataset.name}, got {config.batch_size}.')
+        raise ConfigError(
+            f'config.batch_size must be at most the {num_train} training examples of '
+            f'{config.dataset.name}, got {config.batch_size}.'
+        )
     if config.num_train_steps > 0:
         return config.num_train_steps
     return config.num_epochs * (num_train // config.batch_size)
@@ -224,7 +263,8 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
         learning_rate = opt.learning_rate
     else:  # He et al. 2016: divide by 10 at the given step boundaries.
         learning_rate = optax.piecewise_constant_schedule(
-            opt.learning_rate, {int(b): opt.decay_factor for b in opt.boundaries})
+            opt.learning_rate, {int(b): opt.decay_factor for b in opt.boundaries}
+        )
     if opt.name == 'adam':
         return optim.tf1_adam(learning_rate) if opt.tf1 else optax.adam(learning_rate)
     if opt.name == 'momentum':

@@ -34,23 +34,34 @@ import orbax.checkpoint as ocp
 
 from cwreg.training import config as config_lib
 from cwreg.training import data as data_lib
-from cwreg.training import devices
-from cwreg.training import registry
-from cwreg.training import rundir
+from cwreg.training import devices, registry, rundir
 from cwreg.training import step as step_lib
+
 
 def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
     """The dataset a config asks for (cached: a sweep's groups share it)."""
     d = config.dataset
-    dataset = _load_data(d.name, d.data_dir or None, bool(d.validation), d.train_size or None,
-                         d.num_classes or None, bool(d.get('download', False)))
+    dataset = _load_data(
+        d.name,
+        d.data_dir or None,
+        bool(d.validation),
+        d.train_size or None,
+        d.num_classes or None,
+        bool(d.get('download', False)),
+    )
     return data_lib.standardized(dataset) if d.get('standardize', False) else dataset
 
 
 @functools.lru_cache(maxsize=2)
 def _load_data(name, data_dir, validation, train_size, num_classes, download) -> data_lib.Dataset:
-    return data_lib.load_dataset(name, data_dir=data_dir, validation=validation, train_size=train_size,
-                                 num_classes=num_classes, download=download)
+    return data_lib.load_dataset(
+        name,
+        data_dir=data_dir,
+        validation=validation,
+        train_size=train_size,
+        num_classes=num_classes,
+        download=download,
+    )
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -61,8 +72,9 @@ class _BackendProbeFilter(std_logging.Filter):
     """JAX logs each accelerator backend it does not find ("Unable to initialize backend 'tpu'") at INFO."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return (record.levelno >= std_logging.WARNING
-                or 'Unable to initialize backend' not in record.getMessage())
+        return (
+            record.levelno >= std_logging.WARNING or 'Unable to initialize backend' not in record.getMessage()
+        )
 
 
 def quiet_backend_probing() -> None:
@@ -76,8 +88,9 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped training; str() says where, and what a rerun resumes from."""
 
 
-def _interrupted(files: rundir._RunFiles, epoch: int, num_epochs: int, step: int, num_steps: int,
-                 checkpointing: bool) -> TrainingInterrupted:
+def _interrupted(
+    files: rundir._RunFiles, epoch: int, num_epochs: int, step: int, num_steps: int, checkpointing: bool
+) -> TrainingInterrupted:
     try:
         files.wait()  # the save under way is what a rerun resumes from
     except Exception as e:  # pylint: disable=broad-except
@@ -87,8 +100,9 @@ def _interrupted(files: rundir._RunFiles, epoch: int, num_epochs: int, step: int
         return TrainingInterrupted(f'{where}; config.checkpoint is off, so the same command starts it over.')
     if files.saved_epoch is None:
         return TrainingInterrupted(f'{where}, before its first checkpoint; the same command starts it over.')
-    return TrainingInterrupted(f'{where}; the same command resumes it from its checkpoint of epoch '
-                               f'{files.saved_epoch}.')
+    return TrainingInterrupted(
+        f'{where}; the same command resumes it from its checkpoint of epoch {files.saved_epoch}.'
+    )
 
 
 def run_command(main: Callable[[], Any]) -> Any:
@@ -107,9 +121,14 @@ def run_command(main: Callable[[], Any]) -> Any:
     try:
         return main()
     except KeyboardInterrupt as e:
-        message = str(e) if isinstance(e, TrainingInterrupted) else (
-            'Stopped before training began; the same command starts it again (from its last checkpoint, '
-            'if it has one).')
+        message = (
+            str(e)
+            if isinstance(e, TrainingInterrupted)
+            else (
+                'Stopped before training began; the same command starts it again (from its last checkpoint, '
+                'if it has one).'
+            )
+        )
         print(message, file=sys.stderr, flush=True)
         sys.exit(128 + (stopped_by[0] if stopped_by else signal.SIGINT))
     except (config_lib.ConfigError, data_lib.DatasetNotPreparedError) as e:
@@ -122,10 +141,20 @@ def run_command(main: Callable[[], Any]) -> Any:
 def _git_commit(directory: str) -> Optional[str]:
     """HEAD of the git checkout holding `directory` ('-dirty' with uncommitted changes), if there is one."""
     try:
-        head = subprocess.run(['git', '-C', directory, 'rev-parse', 'HEAD'], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(['git', '-C', directory, 'status', '--porcelain', '--untracked-files=no'],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ['git', '-C', directory, 'rev-parse', 'HEAD'],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ['git', '-C', directory, 'status', '--porcelain', '--untracked-files=no'],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ('-dirty' if dirty else '') if head else None
@@ -141,10 +170,15 @@ def provenance() -> dict[str, Any]:
     return {
         'cwreg': version,
         'git_commit': _git_commit(os.path.dirname(os.path.abspath(__file__))),
-        'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
-        'optax': optax.__version__, 'orbax_checkpoint': ocp.__version__,
-        'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
-        'process_count': jax.process_count(), 'backend': jax.default_backend(),
+        'jax': jax.__version__,
+        'jaxlib': jaxlib.__version__,
+        'flax': flax.__version__,
+        'optax': optax.__version__,
+        'orbax_checkpoint': ocp.__version__,
+        'device_kind': jax.devices()[0].device_kind,
+        'device_count': jax.device_count(),
+        'process_count': jax.process_count(),
+        'backend': jax.default_backend(),
     }
 
 
@@ -160,13 +194,16 @@ def _steps_per_second(rate: float) -> str:
     return f'{rate:,.0f}' if rate >= 100 else f'{rate:.3g}'
 
 
-def progress_line(epoch: int, num_epochs: int, step: int, num_steps: int, summary: dict[str, np.ndarray],
-                  rate: float) -> str:
+def progress_line(
+    epoch: int, num_epochs: int, step: int, num_steps: int, summary: dict[str, np.ndarray], rate: float
+) -> str:
     """The one line a run prints per epoch: where it is, the epoch's metrics, speed and time left."""
     values = '  '.join(f'{k} {_brief(v)}' for k, v in summary.items())
     eta = (num_steps - step) / rate if rate > 0 else float('nan')
-    return (f'epoch {epoch + 1}/{num_epochs}  step {step}/{num_steps}  {values}  '
-            f'{_steps_per_second(rate)} steps/s  ETA {_duration(eta)}')
+    return (
+        f'epoch {epoch + 1}/{num_epochs}  step {step}/{num_steps}  {values}  '
+        f'{_steps_per_second(rate)} steps/s  ETA {_duration(eta)}'
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -182,8 +219,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return train_group([config], [workdir], workdir, on_nonfinite='raise')[0]
 
 
-def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], group_dir: str,
-                on_nonfinite: str = 'raise', save_variables: bool = False) -> list[dict[str, Any]]:
+def train_group(
+    configs: list[ml_collections.ConfigDict],
+    workdirs: list[str],
+    group_dir: str,
+    on_nonfinite: str = 'raise',
+    save_variables: bool = False,
+) -> list[dict[str, Any]]:
     """Trains runs that differ only in seed and λ as one vmapped program; writes each run's results.json.
 
     Args:
@@ -202,7 +244,9 @@ def train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], g
     for config in configs:
         config_lib.validate_config(config)
     if len({registry._group_key(c) for c in configs}) > 1:
-        raise config_lib.ConfigError('Runs of a group may differ only in seed and penalty weights (and dropout rate).')
+        raise config_lib.ConfigError(
+            'Runs of a group may differ only in seed and penalty weights (and dropout rate).'
+        )
     group_dir = os.path.abspath(group_dir)
     rundir.check_workdir_config(group_dir, configs)
     os.makedirs(group_dir, exist_ok=True)
@@ -265,7 +309,8 @@ def _initial_progress(group: _Group, files: rundir._RunFiles) -> tuple[step_lib.
         raise config_lib.ConfigMismatchError(
             f'{files.group_dir} holds a run trained for {int(restored["state"].step)} steps, more than the '
             f'{group.num_steps} asked for (num_epochs={config.num_epochs}, num_train_steps='
-            f'{config.num_train_steps}). Use another workdir, or delete this one to start over.')
+            f'{config.num_train_steps}). Use another workdir, or delete this one to start over.'
+        )
     state, first_epoch = restored['state'], int(restored['epoch'])
     logging.info('Resumed %s at epoch %d (step %d).', files.group_dir, first_epoch, int(state.step))
     return state, first_epoch, [int(s) or None for s in restored['diverged']]
@@ -280,34 +325,51 @@ class _Programs:
     def __init__(self, group: _Group, p_state: step_lib.TrainState):
         configs, task = group.configs, group.task
         self.task, self.global_batch = task, group.config.batch_size
-        weights = {'penalty': np.array([c.penalty.weight if task.penalty else 0.0 for c in configs], np.float32),
-                   'weight_penalty': np.array([c.weight_penalty.weight for c in configs], np.float32),
-                   'dropout': np.array([c.model.dropout for c in configs], np.float32)}
+        weights = {
+            'penalty': np.array([c.penalty.weight if task.penalty else 0.0 for c in configs], np.float32),
+            'weight_penalty': np.array([c.weight_penalty.weight for c in configs], np.float32),
+            'dropout': np.array([c.model.dropout for c in configs], np.float32),
+        }
         # Raw key data (uint32), as host arrays: train_chunk wraps it back into typed keys.
-        rngs = np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.seed), 2)))
-                         for c in configs])
+        rngs = np.stack(
+            [np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(c.seed), 2))) for c in configs]
+        )
         train = group.dataset.train
         self.images, self.labels = devices.replicate(train.images), devices.replicate(train.labels)
         per_step = devices.eval_step_size(group.config.eval_batch_size, self.global_batch)
-        self.eval_arrays = devices.shard(devices._eval_layout(group.dataset.eval, self.global_batch, per_step,
-                                                              jax.local_device_count()))
+        self.eval_arrays = devices.shard(
+            devices._eval_layout(group.dataset.eval, self.global_batch, per_step, jax.local_device_count())
+        )
         self.p_weights, self.p_rngs = devices.replicate(weights), devices.replicate(rngs)
         self.state_axes = _state_axes(p_state)
-        self.p_eval = devices.device_map(jax.vmap(functools.partial(step_lib.eval_chunk, task),
-                                                  in_axes=(self.state_axes, None, None, None)))
+        self.p_eval = devices.device_map(
+            jax.vmap(
+                functools.partial(step_lib.eval_chunk, task), in_axes=(self.state_axes, None, None, None)
+            )
+        )
         self.compiled = {}
 
-    def run_steps(self, p_state: step_lib.TrainState, p_order: jax.Array, first_step: int,
-                  count: int) -> tuple[step_lib.TrainState, dict[str, jax.Array]]:
+    def run_steps(
+        self, p_state: step_lib.TrainState, p_order: jax.Array, first_step: int, count: int
+    ) -> tuple[step_lib.TrainState, dict[str, jax.Array]]:
         """`count` steps of every run from step `first_step` of the epoch; (new state, per-step metrics)."""
         if count not in self.compiled:
             chunk = functools.partial(step_lib.train_chunk, self.task, count, self.global_batch)
             self.compiled[count] = devices.device_map(
-                jax.vmap(chunk, in_axes=(self.state_axes, None, None, 0, None, 0, 0),
-                         out_axes=(self.state_axes, 0)),
-                donate_argnums=(0,))
-        return self.compiled[count](p_state, self.images, self.labels, p_order,
-                                    devices.replicate(np.int32(first_step)), self.p_weights, self.p_rngs)
+                jax.vmap(
+                    chunk, in_axes=(self.state_axes, None, None, 0, None, 0, 0), out_axes=(self.state_axes, 0)
+                ),
+                donate_argnums=(0,),
+            )
+        return self.compiled[count](
+            p_state,
+            self.images,
+            self.labels,
+            p_order,
+            devices.replicate(np.int32(first_step)),
+            self.p_weights,
+            self.p_rngs,
+        )
 
     def evaluate(self, p_state: step_lib.TrainState, prefix: str = '') -> dict[str, np.ndarray]:
         return _evaluate(self.p_eval, p_state, self.eval_arrays, self.task, prefix=prefix)
@@ -317,8 +379,9 @@ def _train_epoch(group: _Group, programs: _Programs, progress: _Progress, on_non
     """Trains every run through epoch `progress.epoch` (from wherever the epoch stands); its step metrics."""
     config, configs = group.config, group.configs
     num_train = len(group.dataset.train.labels)
-    p_order = devices.replicate(np.stack([step_lib.epoch_order(c.seed, progress.epoch, num_train)
-                                          for c in configs]))
+    p_order = devices.replicate(
+        np.stack([step_lib.epoch_order(c.seed, progress.epoch, num_train) for c in configs])
+    )
     in_epoch, epoch_metrics = 0, []
     while in_epoch < group.steps_per_epoch and progress.step < group.num_steps:
         per_dispatch = config.steps_per_dispatch if group.task.fuse_steps else 1
@@ -333,8 +396,14 @@ def _train_epoch(group: _Group, programs: _Programs, progress: _Progress, on_non
     return epoch_metrics
 
 
-def _end_epoch(group: _Group, programs: _Programs, progress: _Progress, files: rundir._RunFiles,
-               epoch_metrics: list[dict], since: tuple[float, int]) -> None:
+def _end_epoch(
+    group: _Group,
+    programs: _Programs,
+    progress: _Progress,
+    files: rundir._RunFiles,
+    epoch_metrics: list[dict],
+    since: tuple[float, int],
+) -> None:
     """The epoch's summary (and evaluation, every eval_every_epochs) to TensorBoard and stdout; a checkpoint.
 
     `since`: (time, step) where the speed is measured from.
@@ -345,19 +414,31 @@ def _end_epoch(group: _Group, programs: _Programs, progress: _Progress, files: r
         summary.update(programs.evaluate(progress.p_state, prefix='eval_'))
     rate = (step - since[1]) / max(time.time() - since[0], 1e-9)
     for r in range(group.num_runs):
-        files.writer.write_scalars(step, {f'{k}/run{r}' if group.num_runs > 1 else k: v[r]
-                                          for k, v in summary.items()})
+        files.writer.write_scalars(
+            step, {f'{k}/run{r}' if group.num_runs > 1 else k: v[r] for k, v in summary.items()}
+        )
     files.writer.write_scalars(step, {'steps_per_sec': rate})
     if jax.process_index() == 0:
         print(progress_line(epoch, num_epochs, step, group.num_steps, summary, rate), flush=True)
     if config.checkpoint:
         # A host copy: the next dispatch donates p_state's buffers.
-        files.save(epoch + 1, {'state': jax.device_get(devices.unreplicate(progress.p_state)), 'epoch': epoch + 1,
-                               'diverged': np.array([d or 0 for d in progress.diverged], np.int64)})
+        files.save(
+            epoch + 1,
+            {
+                'state': jax.device_get(devices.unreplicate(progress.p_state)),
+                'epoch': epoch + 1,
+                'diverged': np.array([d or 0 for d in progress.diverged], np.int64),
+            },
+        )
 
 
-def _train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], files: rundir._RunFiles,
-                 on_nonfinite: str, save_variables: bool) -> list[dict[str, Any]]:
+def _train_group(
+    configs: list[ml_collections.ConfigDict],
+    workdirs: list[str],
+    files: rundir._RunFiles,
+    on_nonfinite: str,
+    save_variables: bool,
+) -> list[dict[str, Any]]:
     start_time = time.time()
     files.writer.write_hparams(_flat_hparams(configs[0]))
     group = _Group.load(configs)
@@ -365,9 +446,15 @@ def _train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], 
     rundir._record_configs(files.group_dir, configs)
     progress = _Progress(devices.replicate(state), int(state.step), first_epoch, diverged)
     programs = _Programs(group, progress.p_state)
-    logging.info('Training %d run(s) of %s: %d epochs × %d steps, batch %d on %d device(s).', group.num_runs,
-                 registry.describe(group.config), group.num_epochs, group.steps_per_epoch,
-                 group.config.batch_size, jax.local_device_count())
+    logging.info(
+        'Training %d run(s) of %s: %d epochs × %d steps, batch %d on %d device(s).',
+        group.num_runs,
+        registry.describe(group.config),
+        group.num_epochs,
+        group.steps_per_epoch,
+        group.config.batch_size,
+        jax.local_device_count(),
+    )
     timer, first_step = time.time(), progress.step
     try:
         for progress.epoch in range(first_epoch, group.num_epochs):
@@ -375,8 +462,14 @@ def _train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], 
             _end_epoch(group, programs, progress, files, epoch_metrics, since=(timer, first_step))
         files.wait()  # results only once every checkpoint is safe
     except KeyboardInterrupt:
-        raise _interrupted(files, progress.epoch, group.num_epochs, progress.step, group.num_steps,
-                           bool(group.config.checkpoint)) from None
+        raise _interrupted(
+            files,
+            progress.epoch,
+            group.num_epochs,
+            progress.step,
+            group.num_steps,
+            bool(group.config.checkpoint),
+        ) from None
     train_seconds = time.time() - timer
     final = programs.evaluate(progress.p_state)
     files.writer.flush()
@@ -384,8 +477,14 @@ def _train_group(configs: list[ml_collections.ConfigDict], workdirs: list[str], 
     return _finish(group, progress, final, workdirs, timing, save_variables)
 
 
-def _finish(group: _Group, progress: _Progress, final: dict[str, np.ndarray], workdirs: list[str],
-            timing: dict[str, float], save_variables: bool) -> list[dict[str, Any]]:
+def _finish(
+    group: _Group,
+    progress: _Progress,
+    final: dict[str, np.ndarray],
+    workdirs: list[str],
+    timing: dict[str, float],
+    save_variables: bool,
+) -> list[dict[str, Any]]:
     """Each run's results dict, written to its workdir's results.json (and its variables, if asked)."""
     final_state = devices.unreplicate(progress.p_state)
     diverged, results = progress.diverged, []
@@ -408,8 +507,14 @@ def _finish(group: _Group, progress: _Progress, final: dict[str, np.ndarray], wo
         }
         if jax.process_index() == 0:
             rundir._write_results(workdir, result, final_state, r if save_variables else None)
-        logging.info('Final %s of %s: error=%s loss=%s penalty=%s', result['eval_split'],
-                     registry.describe(run_config), result['error'], result['loss'], result['penalty_value'])
+        logging.info(
+            'Final %s of %s: error=%s loss=%s penalty=%s',
+            result['eval_split'],
+            registry.describe(run_config),
+            result['error'],
+            result['loss'],
+            result['penalty_value'],
+        )
         results.append(result)
     return results
 
@@ -420,8 +525,10 @@ def _check_finite(metrics, step: int, diverged: list, configs, on_nonfinite: str
         bad = np.flatnonzero(~np.isfinite(metrics['loss'][r] + metrics['penalty'][r]))
         if bad.size and diverged[r] is None:
             diverged[r] = step + int(bad[0]) + 1
-            message = (f'Non-finite training loss at step {diverged[r]}: {registry.describe(configs[r])}; '
-                       f'loss={metrics["loss"][r][bad[0]]}, penalty={metrics["penalty"][r][bad[0]]}.')
+            message = (
+                f'Non-finite training loss at step {diverged[r]}: {registry.describe(configs[r])}; '
+                f'loss={metrics["loss"][r][bad[0]]}, penalty={metrics["penalty"][r][bad[0]]}.'
+            )
             if on_nonfinite == 'raise':
                 raise NonFiniteLossError(message)
             logging.warning('%s The run is recorded as diverged.', message)
@@ -438,12 +545,15 @@ def _brief(values) -> str:
     return ','.join(f'{v:.4g}' for v in values[:4]) + ('…' if len(values) > 4 else '')
 
 
-def _epoch_summary(task: step_lib.Task, epoch_metrics: list[dict], global_batch: int) -> dict[str, np.ndarray]:
+def _epoch_summary(
+    task: step_lib.Task, epoch_metrics: list[dict], global_batch: int
+) -> dict[str, np.ndarray]:
     metrics = {k: np.concatenate([m[k] for m in epoch_metrics], axis=-1) for k in epoch_metrics[0]}
     summary = {'train_loss': metrics['loss'].mean(-1), 'train_penalty': metrics['penalty'].mean(-1)}
     if not task.reconstruction:
-        summary['train_error'] = 100.0 * (1.0 - metrics['correct'].sum(-1) / (metrics['correct'].shape[-1]
-                                                                             * global_batch))
+        summary['train_error'] = 100.0 * (
+            1.0 - metrics['correct'].sum(-1) / (metrics['correct'].shape[-1] * global_batch)
+        )
     return summary
 
 
@@ -451,8 +561,10 @@ def _evaluate(p_eval, p_state, eval_arrays, task: step_lib.Task, prefix: str = '
     """Error (%), mean loss and mean per-batch penalty on the evaluation split, one value per run."""
     sums = jax.tree.map(lambda x: np.asarray(x[0], np.float64), p_eval(p_state, *eval_arrays))
     count = np.maximum(sums['count'], 1.0)
-    out = {'loss': sums['loss'] / count,
-           'penalty': sums['penalty'] / np.maximum(sums['penalty_batches'], 1.0)}
+    out = {
+        'loss': sums['loss'] / count,
+        'penalty': sums['penalty'] / np.maximum(sums['penalty_batches'], 1.0),
+    }
     if not task.reconstruction:
         out['error'] = 100.0 * (1.0 - sums['correct'] / count)
     return {prefix + k: v for k, v in out.items()}

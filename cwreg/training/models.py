@@ -105,16 +105,26 @@ def _kernel_init(name: str) -> Callable[..., jax.Array]:
 
 def _layer_kwargs(module: nn.Module, use_bias: bool = True) -> dict[str, Any]:
     """Dense/Conv keyword arguments of ``module``'s attributes: initializers, dtypes, whether a bias."""
-    return dict(use_bias=use_bias, kernel_init=_kernel_init(module.kernel_init),
-                bias_init=nn.initializers.constant(module.bias_init), dtype=module.dtype,
-                param_dtype=module.param_dtype)
+    return dict(
+        use_bias=use_bias,
+        kernel_init=_kernel_init(module.kernel_init),
+        bias_init=nn.initializers.constant(module.bias_init),
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+    )
 
 
 def _batchnorm(module: nn.Module, train: bool, name: str) -> nn.Module:
     """Batch normalization as in :class:`ResNet`: momentum 0.9, epsilon 1e-5, synced over bn_axis_name."""
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        axis_name=module.bn_axis_name, dtype=module.dtype, param_dtype=module.param_dtype,
-                        name=name)
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        axis_name=module.bn_axis_name,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        name=name,
+    )
 
 
 def dropout(h: jax.Array, rate: jax.Array, key: jax.Array, example_ids: jax.Array) -> jax.Array:
@@ -139,8 +149,9 @@ def dropout(h: jax.Array, rate: jax.Array, key: jax.Array, example_ids: jax.Arra
     return jnp.where(keep, h / jnp.asarray(1.0 - rate, h.dtype), jnp.zeros((), h.dtype))
 
 
-def _dropout_layers(module: nn.Module, train: bool, rate: Optional[jax.Array],
-                    example_ids: Optional[jax.Array], batch: int) -> Callable[[jax.Array, int], jax.Array]:
+def _dropout_layers(
+    module: nn.Module, train: bool, rate: Optional[jax.Array], example_ids: Optional[jax.Array], batch: int
+) -> Callable[[jax.Array, int], jax.Array]:
     """``drop(h, layer)``: dropout of hidden layer ``layer`` in training, the identity otherwise.
 
     Layer ``l`` uses ``fold_in(make_rng('dropout'), l)``: one flax ``'dropout'`` key per call, so the caller
@@ -157,7 +168,9 @@ def _dropout_layers(module: nn.Module, train: bool, rate: Optional[jax.Array],
 
 def _check_layer(model: nn.Module, layer: str) -> None:
     if layer not in model.layer_names():
-        raise ValueError(f'{type(model).__name__} sows no layer {layer!r}; valid: {list(model.layer_names())}.')
+        raise ValueError(
+            f'{type(model).__name__} sows no layer {layer!r}; valid: {list(model.layer_names())}.'
+        )
 
 
 class MLP(nn.Module):
@@ -217,11 +230,16 @@ class MLP(nn.Module):
     def param_names(self, layer: str) -> tuple[str, ...]:
         """Parameter sub-modules whose kernels produce representation ``layer`` (``layer{i}`` ← ``dense{i}``)."""
         _check_layer(self, layer)
-        return (f'dense{layer[len("layer"):]}',)
+        return (f'dense{layer[len("layer") :]}',)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, dropout_rate: Optional[jax.Array] = None,
-                 example_ids: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = False,
+        dropout_rate: Optional[jax.Array] = None,
+        example_ids: Optional[jax.Array] = None,
+    ) -> jax.Array:
         """Maps images ``(N, H, W, C)`` (or already-flat ``(N, D)``) to logits ``(N, num_classes)``.
 
         ``train`` turns dropout on and makes BatchNorm use (and update) batch statistics;
@@ -307,19 +325,25 @@ class CNN(nn.Module):
         """Parameter sub-modules whose kernels produce representation ``layer``."""
         _check_layer(self, layer)
         if layer.startswith('conv'):
-            return (f'Conv_{layer[len("conv"):]}',)
+            return (f'Conv_{layer[len("conv") :]}',)
         return (f'Dense_{layer}',)
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False, dropout_rate: Optional[jax.Array] = None,
-                 example_ids: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool = False,
+        dropout_rate: Optional[jax.Array] = None,
+        example_ids: Optional[jax.Array] = None,
+    ) -> jax.Array:
         """Maps images ``(N, H, W, C)`` to logits ``(N, num_classes)``; the arguments are :class:`MLP`'s."""
         h = jnp.asarray(x, self.dtype)
         drop = _dropout_layers(self, train, dropout_rate, example_ids, h.shape[0])
         hidden = _layer_kwargs(self, use_bias=not self.batchnorm)
         for i, (features, pool) in enumerate(self.CONVS, start=1):
-            h = nn.Conv(features, kernel_size=(3, 3), strides=(1, 1), padding='SAME', **hidden,
-                        name=f'Conv_{i}')(h)
+            h = nn.Conv(
+                features, kernel_size=(3, 3), strides=(1, 1), padding='SAME', **hidden, name=f'Conv_{i}'
+            )(h)
             if self.batchnorm:
                 h = _batchnorm(self, train, f'BatchNorm_{i}')(h)
             self.sow('intermediates', f'conv{i}{PREACT_SUFFIX}', h)
@@ -528,7 +552,7 @@ class Autoencoder(nn.Module):
     def param_names(self, layer: str) -> tuple[str, ...]:
         """Parameter sub-modules whose kernels produce representation ``layer`` (``layer{i}`` ← ``dense{i}``)."""
         _check_layer(self, layer)
-        return (f'dense{layer[len("layer"):]}',)
+        return (f'dense{layer[len("layer") :]}',)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:

@@ -34,8 +34,9 @@ class Tf1AdamState(NamedTuple):
     nu: optax.Updates  # raw second moment v_t
 
 
-def scale_by_tf1_adam(b1: float = TF1_ADAM['b1'], b2: float = TF1_ADAM['b2'],
-                      eps: float = TF1_ADAM['eps']) -> optax.GradientTransformation:
+def scale_by_tf1_adam(
+    b1: float = TF1_ADAM['b1'], b2: float = TF1_ADAM['b2'], eps: float = TF1_ADAM['eps']
+) -> optax.GradientTransformation:
     """Scales updates by TF 1.x Adam's rule, ``√(1 − β₂ᵗ) / (1 − β₁ᵗ) · m_t / (√v_t + ε)`` (no learning rate).
 
     Example:
@@ -57,7 +58,7 @@ def scale_by_tf1_adam(b1: float = TF1_ADAM['b1'], b2: float = TF1_ADAM['b2'],
         nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
-        step_size = jnp.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        step_size = jnp.sqrt(1 - b2**t) / (1 - b1**t)
         scaled = jax.tree.map(lambda m, v: (step_size * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
         return scaled, Tf1AdamState(count=count, mu=mu, nu=nu)
 

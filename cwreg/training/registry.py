@@ -10,6 +10,7 @@ import ml_collections
 from cwreg import penalties
 from cwreg.names import NO_PENALTY, REGULARIZERS  # noqa: F401  (REGULARIZERS: re-exported)
 
+
 def regularizer_name(config: ml_collections.ConfigDict) -> str:
     """The regularizer a config trains with (a penalty first, then dropout, then batch norm)."""
     if config.penalty.name != NO_PENALTY and config.penalty.weight > 0:
@@ -37,17 +38,27 @@ def regularizer_weight(config: ml_collections.ConfigDict) -> float:
 
 def run_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Which run of a scenario's protocol `config` is, as its results.json records it."""
-    return {'scenario': config.scenario, 'regularizer': regularizer_name(config),
-            'weight': regularizer_weight(config), 'seed': config.seed,
-            'phase': 'select' if config.dataset.validation else 'final'}
+    return {
+        'scenario': config.scenario,
+        'regularizer': regularizer_name(config),
+        'weight': regularizer_weight(config),
+        'seed': config.seed,
+        'phase': 'select' if config.dataset.validation else 'final',
+    }
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
-    shaping = ''.join([f', dropout {config.model.dropout}' if config.model.dropout else '',
-                       ', batch norm' if config.model.batchnorm else ''])
-    return (f'{config.scenario} seed {config.seed}: penalty {config.penalty.name} (λ={config.penalty.weight}, '
-            f'layer {config.penalty.layer}), weight penalty {config.weight_penalty.name} '
-            f'(λ={config.weight_penalty.weight}){shaping}')
+    shaping = ''.join(
+        [
+            f', dropout {config.model.dropout}' if config.model.dropout else '',
+            ', batch norm' if config.model.batchnorm else '',
+        ]
+    )
+    return (
+        f'{config.scenario} seed {config.seed}: penalty {config.penalty.name} (λ={config.penalty.weight}, '
+        f'layer {config.penalty.layer}), weight penalty {config.weight_penalty.name} '
+        f'(λ={config.weight_penalty.weight}){shaping}'
+    )
 
 
 def _group_key(config: ml_collections.ConfigDict) -> str:

@@ -25,8 +25,14 @@ from cwreg.training.config import ConfigMismatchError
 
 #: Fields that change how a run is executed or reported, not what it trains: a workdir resumes with them
 #: changed, and a sweep reuses a run whatever they were.
-EXECUTION_FIELDS = ('dataset.data_dir', 'dataset.download', 'checkpoint', 'eval_every_epochs',
-                    'steps_per_dispatch', 'eval_batch_size')
+EXECUTION_FIELDS = (
+    'dataset.data_dir',
+    'dataset.download',
+    'checkpoint',
+    'eval_every_epochs',
+    'steps_per_dispatch',
+    'eval_batch_size',
+)
 #: How long a run trains. A workdir's run may be continued into a longer one: its first epochs are the same.
 LENGTH_FIELDS = ('num_epochs', 'num_train_steps')
 CONFIG_FILE = 'config.json'
@@ -51,12 +57,18 @@ def training_config(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[
     return {k: v for k, v in flat.items() if k not in EXECUTION_FIELDS}
 
 
-def config_differences(recorded: ml_collections.ConfigDict | dict[str, Any],
-                       asked: ml_collections.ConfigDict | dict[str, Any], ignore: Sequence[str] = ()) -> list[str]:
+def config_differences(
+    recorded: ml_collections.ConfigDict | dict[str, Any],
+    asked: ml_collections.ConfigDict | dict[str, Any],
+    ignore: Sequence[str] = (),
+) -> list[str]:
     """'field: recorded -> asked' for each field that decides what a run trains and differs in the two."""
     old, new = training_config(recorded), training_config(asked)
-    return [f'{k}: {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}' for k in sorted(set(old) | set(new))
-            if k not in ignore and old.get(k, _ABSENT) != new.get(k, _ABSENT)]
+    return [
+        f'{k}: {old.get(k, _ABSENT)!r} -> {new.get(k, _ABSENT)!r}'
+        for k in sorted(set(old) | set(new))
+        if k not in ignore and old.get(k, _ABSENT) != new.get(k, _ABSENT)
+    ]
 
 
 def _read_json(path: str) -> Optional[Any]:
@@ -95,15 +107,18 @@ def check_workdir_config(group_dir: str, configs: Sequence[ml_collections.Config
     if recorded is None:
         return
     if len(recorded) != len(configs):
-        raise ConfigMismatchError(f'{group_dir} holds a group of {len(recorded)} run(s), not of these '
-                                  f'{len(configs)}. Use another directory, or delete this one to start over.')
+        raise ConfigMismatchError(
+            f'{group_dir} holds a group of {len(recorded)} run(s), not of these '
+            f'{len(configs)}. Use another directory, or delete this one to start over.'
+        )
     for r, (old, new) in enumerate(zip(recorded, configs)):
         differences = config_differences(old, new, ignore=LENGTH_FIELDS)
         if differences:
             which = f' (run {r} of its group)' if len(configs) > 1 else ''
             raise ConfigMismatchError(
                 f'{group_dir} holds a run of another config{which}; fields that differ (recorded -> asked): '
-                f'{"; ".join(differences)}. Use another workdir, or delete this one to start over.')
+                f'{"; ".join(differences)}. Use another workdir, or delete this one to start over.'
+            )
 
 
 def _record_configs(group_dir: str, configs: Sequence[ml_collections.ConfigDict]) -> None:
@@ -134,14 +149,18 @@ class _RunFiles:
     def __init__(self, group_dir: str):
         self.group_dir = group_dir
         # Only TensorBoard: clu's logging writer would repeat every epoch's progress line on stderr.
-        self.writer = (metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(group_dir)])
-                       if jax.process_index() == 0 else metric_writers.MultiWriter([]))
+        self.writer = (
+            metric_writers.AsyncMultiWriter([metric_writers.SummaryWriter(group_dir)])
+            if jax.process_index() == 0
+            else metric_writers.MultiWriter([])
+        )
         self.checkpoints = ocp.CheckpointManager(
             os.path.join(group_dir, 'checkpoints'),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True,
-                                                 enable_async_checkpointing=False))
-        self._saver = concurrent.futures.ThreadPoolExecutor(max_workers=1,
-                                                            thread_name_prefix=SAVER_THREADS)
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=2, create=True, enable_async_checkpointing=False
+            ),
+        )
+        self._saver = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=SAVER_THREADS)
         self._pending = None
         self.saved_epoch = None  # the newest epoch whose checkpoint is committed
 
@@ -164,8 +183,14 @@ class _RunFiles:
         path = os.path.join(self.group_dir, 'checkpoints', str(step))
         stamp = time.strftime('%Y%m%d-%H%M%S')
         aside = os.path.join(self.group_dir, 'corrupt_checkpoints', f'{step}-{stamp}')
-        logging.warning('Checkpoint %s is unreadable (%s: %s); moved to %s, resuming from an older one or '
-                        'from the start.', path, type(error).__name__, str(error)[:300], aside)
+        logging.warning(
+            'Checkpoint %s is unreadable (%s: %s); moved to %s, resuming from an older one or '
+            'from the start.',
+            path,
+            type(error).__name__,
+            str(error)[:300],
+            aside,
+        )
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(aside), exist_ok=True)
             shutil.move(path, aside)
@@ -173,8 +198,10 @@ class _RunFiles:
 
     def save(self, epoch: int, snapshot: dict[str, Any]) -> None:
         self.wait()
-        self._pending = (epoch, self._saver.submit(self.checkpoints.save, epoch,
-                                                   args=ocp.args.StandardSave(snapshot)))
+        self._pending = (
+            epoch,
+            self._saver.submit(self.checkpoints.save, epoch, args=ocp.args.StandardSave(snapshot)),
+        )
 
     def wait(self) -> None:
         """Blocks until the pending save is committed; re-raises its error."""
@@ -207,6 +234,7 @@ def _write_results(workdir: str, result: dict[str, Any], final_state, run: Optio
         variables = {'params': final_state.params, 'batch_stats': final_state.batch_stats}
         variables = jax.tree.map(lambda x: np.asarray(x[run]), variables)
         with open(os.path.join(workdir, 'final_variables.msgpack'), 'wb') as f:
-            f.write(flax.serialization.msgpack_serialize(
-                {k: v for k, v in variables.items() if v is not None}))
+            f.write(
+                flax.serialization.msgpack_serialize({k: v for k, v in variables.items() if v is not None})
+            )
     _write_json(os.path.join(workdir, 'results.json'), result)

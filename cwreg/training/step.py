@@ -37,8 +37,8 @@ import optax
 
 from cwreg import penalties
 from cwreg.names import NO_PENALTY
-from cwreg.training import data as data_lib
 from cwreg.training import config as config_lib
+from cwreg.training import data as data_lib
 from cwreg.training.config import AXIS
 
 #: Folded into a run's key for its dropout keys; the augmentation keys fold the step in first, and a step
@@ -53,6 +53,7 @@ class TrainState(train_state.TrainState):
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What one run optimizes: static (hashable) parts of the config the step is traced with."""
+
     model: Any
     reconstruction: bool
     num_classes: int
@@ -62,7 +63,9 @@ class Task:
     weight_penalty_layer: str
     weight_decay: float
     augment: bool
-    fuse_steps: bool  # lax.scan over steps; off for convnets on CPU (XLA:CPU conv gradients in loops are slow)
+    fuse_steps: (
+        bool  # lax.scan over steps; off for convnets on CPU (XLA:CPU conv gradients in loops are slow)
+    )
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict, num_classes: int) -> 'Task':
@@ -92,8 +95,16 @@ def _has_dropout(task: Task) -> bool:
     return bool(getattr(task.model, 'dropout', False))
 
 
-def _forward(task: Task, params, batch_stats, images, train: bool, dropout_rate=None, dropout_rng=None,
-             example_ids=None):
+def _forward(
+    task: Task,
+    params,
+    batch_stats,
+    images,
+    train: bool,
+    dropout_rate=None,
+    dropout_rng=None,
+    example_ids=None,
+):
     """(outputs, sown intermediates, new batch_stats); training batch norm uses and updates batch statistics.
 
     A model with dropout needs, in training, `dropout_rate` (traced), `dropout_rng` and `example_ids` (see
@@ -127,8 +138,13 @@ def _penalty_value(task: Task, intermediates, labels, axis_name):
     if task.penalty is None:
         return jnp.zeros(())
     # Each device minimizes its share of J̃ and the shares' gradients are psummed: the 'psum' convention.
-    return penalties.get_penalty(task.penalty)(intermediates[task.layer], labels, num_classes=task.num_classes,
-                                               axis_name=axis_name, grad_reduction='psum')
+    return penalties.get_penalty(task.penalty)(
+        intermediates[task.layer],
+        labels,
+        num_classes=task.num_classes,
+        axis_name=axis_name,
+        grad_reduction='psum',
+    )
 
 
 def _weight_terms(task: Task, params, weights):
@@ -141,9 +157,16 @@ def _weight_terms(task: Task, params, weights):
     return total
 
 
-def train_step(task: Task, state: TrainState, images: jax.Array, labels: jax.Array, weights: dict[str, jax.Array],
-               rng: jax.Array, axis_name: str = AXIS,
-               dropout_rng: Optional[jax.Array] = None) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    task: Task,
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    weights: dict[str, jax.Array],
+    rng: jax.Array,
+    axis_name: str = AXIS,
+    dropout_rng: Optional[jax.Array] = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on this device's part of the global batch (inside pmap over `axis_name`).
 
     Args:
@@ -169,8 +192,9 @@ def train_step(task: Task, state: TrainState, images: jax.Array, labels: jax.Arr
         images = data_lib.augment_cifar(rng, images)
 
     def objective(params):
-        outputs, intermediates, new_batch_stats = _forward(task, params, state.batch_stats, images, True,
-                                                           dropout_rate, dropout_rng, example_ids)
+        outputs, intermediates, new_batch_stats = _forward(
+            task, params, state.batch_stats, images, True, dropout_rate, dropout_rng, example_ids
+        )
         per_example, is_correct = _per_example_loss(task, outputs, images, labels)
         loss, correct = jnp.mean(per_example), jnp.sum(is_correct)
         penalty = _penalty_value(task, intermediates, labels, axis_name)
@@ -195,9 +219,19 @@ def typed_key(key: jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(key)
 
 
-def train_chunk(task: Task, num_steps: int, global_batch: int, state: TrainState, images: jax.Array,
-                labels: jax.Array, order: jax.Array, first_step: jax.Array, weights: dict[str, jax.Array],
-                rng: jax.Array, axis_name: str = AXIS) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_chunk(
+    task: Task,
+    num_steps: int,
+    global_batch: int,
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    order: jax.Array,
+    first_step: jax.Array,
+    weights: dict[str, jax.Array],
+    rng: jax.Array,
+    axis_name: str = AXIS,
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """`num_steps` steps as one scan; step s reads order[(first_step+s)·B : …+B], this device's slice.
 
     `rng`: the run's key, typed or as raw key data. Returns the new state and per-step metrics (num_steps,)
@@ -213,8 +247,9 @@ def train_chunk(task: Task, num_steps: int, global_batch: int, state: TrainState
         step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
         # Not folded with the device: dropout masks are a function of (run, step, example) only.
         dropout_rng = jax.random.fold_in(jax.random.fold_in(rng, DROPOUT_STREAM), state.step)
-        return train_step(task, state, images[index], labels[index], weights, step_rng, axis_name,
-                          dropout_rng=dropout_rng)
+        return train_step(
+            task, state, images[index], labels[index], weights, step_rng, axis_name, dropout_rng=dropout_rng
+        )
 
     if task.fuse_steps:
         return lax.scan(body, state, jnp.arange(num_steps))
@@ -226,8 +261,14 @@ def train_chunk(task: Task, num_steps: int, global_batch: int, state: TrainState
     return state, jax.tree.map(lambda *m: jnp.stack(m), *metrics)
 
 
-def eval_chunk(task: Task, state: TrainState, images: jax.Array, labels: jax.Array, mask: jax.Array,
-               axis_name: str = AXIS) -> dict[str, jax.Array]:
+def eval_chunk(
+    task: Task,
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    mask: jax.Array,
+    axis_name: str = AXIS,
+) -> dict[str, jax.Array]:
     """Sums over this device's evaluation steps (S, K, B/D, ...): K training-size batches per step.
 
     Padding examples have mask 0. The penalty is a batch statistic, so it is computed as training computes
@@ -244,9 +285,17 @@ def eval_chunk(task: Task, state: TrainState, images: jax.Array, labels: jax.Arr
         z = z.reshape((num_batches, local) + z.shape[1:])
         penalty = jax.vmap(lambda z_b, y_b: _penalty_value(task, {task.layer: z_b}, y_b, axis_name))(z, y)
         full = lax.pmin(jnp.min(m, axis=1), axis_name)
-        totals = jax.tree.map(jnp.add, totals, {
-            'loss': jnp.sum(per_example * merge(m)), 'correct': jnp.sum(is_correct * merge(m)),
-            'count': jnp.sum(m), 'penalty': jnp.sum(penalty * full), 'penalty_batches': jnp.sum(full)})
+        totals = jax.tree.map(
+            jnp.add,
+            totals,
+            {
+                'loss': jnp.sum(per_example * merge(m)),
+                'correct': jnp.sum(is_correct * merge(m)),
+                'count': jnp.sum(m),
+                'penalty': jnp.sum(penalty * full),
+                'penalty_batches': jnp.sum(full),
+            },
+        )
         return totals, None
 
     zeros = {k: jnp.zeros(()) for k in ('loss', 'correct', 'count', 'penalty', 'penalty_batches')}
@@ -258,18 +307,24 @@ def eval_chunk(task: Task, state: TrainState, images: jax.Array, labels: jax.Arr
     return sums
 
 
-def initial_states(task: Task, tx: optax.GradientTransformation, sample: np.ndarray,
-                   seeds: Sequence[int]) -> TrainState:
+def initial_states(
+    task: Task, tx: optax.GradientTransformation, sample: np.ndarray, seeds: Sequence[int]
+) -> TrainState:
     """The initial TrainStates of runs with these seeds, stacked along a leading run axis.
 
     One compiled program for all runs: initialising op by op compiles every initializer separately (~2 s for
     the MLP). The parameters are bitwise those of `model.init(jax.random.key(seed), ...)` for the MLP,
     autoencoder and CNN (ResNet's may differ in the last bit).
     """
+
     def create(key):
         variables = task.model.init(key, jnp.asarray(sample[:1]), train=False)
-        return TrainState.create(apply_fn=task.model.apply, params=variables['params'], tx=tx,
-                                 batch_stats=variables.get('batch_stats'))
+        return TrainState.create(
+            apply_fn=task.model.apply,
+            params=variables['params'],
+            tx=tx,
+            batch_stats=variables.get('batch_stats'),
+        )
 
     return jax.jit(jax.vmap(create))(jnp.stack([jax.random.key(seed) for seed in seeds]))
 
