@@ -19,9 +19,10 @@ r"""λ search over S selection seeds, then F final seeds, for every regularizer 
 --config.FIELD=VALUE overrides any field; configs/default.py gives each one's meaning and default:
   scenario, seed, batch_size, num_epochs, num_train_steps, eval_batch_size, eval_every_epochs,
   steps_per_dispatch, checkpoint, weight_decay,
-  dataset.{name, data_dir, validation, train_size, num_classes, augment, download},
-  model.{name, width, depth}, penalty.{name, weight, layer}, weight_penalty.{name, weight, layer},
-  optimizer.{name, learning_rate, momentum, schedule, boundaries, decay_factor}
+  dataset.{name, data_dir, validation, train_size, num_classes, augment, standardize, download},
+  model.{name, width, depth, kernel_init, bias_init, dropout, batchnorm}, penalty.{name, weight, layer},
+  weight_penalty.{name, weight, layer},
+  optimizer.{name, learning_rate, momentum, tf1, schedule, boundaries, decay_factor}
 
 Re-running the same command skips finished runs and resumes interrupted ones; a run counts as finished only
 if its results.json records the config asked for (a changed field trains it again). Independent

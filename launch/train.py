@@ -10,14 +10,15 @@ r"""Trains one run of a paper scenario and prints its test error.
   configs/cifar100_cnn.py       scenarios: default, size1k, size5k, width32, width512, classes4, classes16,
                                 classes64
   configs/resnet.py             scenarios: resnet32, resnet110
-  regularizers: baseline, l1w, l2w, cr, cw_cr, vr, cw_vr, l1r
+  regularizers: baseline, l1w, l2w, dropout (rate 0.5), batchnorm (MLP and CNN), cr, cw_cr, vr, cw_vr, l1r
 
 --config.FIELD=VALUE overrides any field; configs/default.py gives each one's meaning and default:
   scenario, seed, batch_size, num_epochs, num_train_steps, eval_batch_size, eval_every_epochs,
   steps_per_dispatch, checkpoint, weight_decay,
-  dataset.{name, data_dir, validation, train_size, num_classes, augment, download},
-  model.{name, width, depth}, penalty.{name, weight, layer}, weight_penalty.{name, weight, layer},
-  optimizer.{name, learning_rate, momentum, schedule, boundaries, decay_factor}
+  dataset.{name, data_dir, validation, train_size, num_classes, augment, standardize, download},
+  model.{name, width, depth, kernel_init, bias_init, dropout, batchnorm}, penalty.{name, weight, layer},
+  weight_penalty.{name, weight, layer},
+  optimizer.{name, learning_rate, momentum, tf1, schedule, boundaries, decay_factor}
 
 A workdir remembers its config (config.json): the same command resumes a stopped run from its last
 checkpoint, and a different config in the same workdir stops before training, listing the fields that
