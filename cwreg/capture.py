@@ -85,7 +85,7 @@ def _pick_call(outputs: tuple, call_index: Optional[int], where: str) -> Any:
 # Flax Linen.
 
 
-# Over 60 lines only by its docstring (arguments, example); the code is ~45.
+# Over 60 lines only by its docstring (arguments, example): the code itself is under 60.
 def linen_apply(
     model: nn.Module,
     variables: Any,
@@ -224,7 +224,7 @@ def _captured_type():
     return CwregCaptured
 
 
-# Over 60 lines only by its docstring (arguments, example); the code is ~50.
+# Over 60 lines only by its docstring (arguments, example): the code itself is under 60.
 def nnx_call(
     model: Any, *args: Any, path: PathLike, call_index: Optional[int] = None, **kwargs: Any
 ) -> tuple[Any, Any]:

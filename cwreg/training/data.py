@@ -400,7 +400,7 @@ def _online(host: str = 'storage.googleapis.com') -> bool:
         return False
 
 
-# Over 60 lines only by its docstring (each argument and the protocol); the code is ~50.
+# Over 60 lines only by its docstring (each argument and the protocol): the code itself is under 60.
 def load_dataset(
     name: str,
     *,
