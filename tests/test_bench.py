@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+
 from cwreg.experiments import bench
 
 
@@ -26,6 +28,20 @@ def test_representation_width_is_the_number_of_units_of_the_layer():
     cnn = configs.cifar10_cnn.get_config('')
     assert bench._representation_width(cnn, (32, 32, 3), 'fc') == 128
     assert bench._representation_width(cnn, (32, 32, 3), 'conv1') == 32 * 32 * 32
+
+
+def test_representation_width_and_chunk_runner_take_dropout_and_batchnorm_configs():
+    import configs.cifar10_cnn
+    import configs.mnist_mlp
+
+    for regularizer in ('dropout', 'batchnorm'):
+        mlp = configs.mnist_mlp.get_config(regularizer)
+        assert bench._representation_width(mlp, (28, 28, 1), 'layer5') == 100
+        cnn = configs.cifar10_cnn.get_config(regularizer)
+        assert bench._representation_width(cnn, (32, 32, 3), 'fc') == 128
+        mlp.batch_size = 10
+        loss = bench._chunk_runner(mlp, (28, 28, 1), steps=2, num_examples=40)()
+        assert loss.shape == (1, 2) and bool(jax.numpy.all(jax.numpy.isfinite(loss)))
 
 
 def test_penalty_rows_time_both_label_forms_against_a_baseline(tmp_path):
