@@ -82,3 +82,13 @@ def test_manifest_entry_with_variants(tmp_path):
         {'out': 'x.md', 'records': ['a.jsonl', 'b.jsonl'], 'variants': ['A', 'B']}, root=str(tmp_path)
     )
     assert text.startswith('# B vs A') and '| cw-VR | 1 |' in text and 'commit abc1234' in text
+
+
+def test_baseline_variants_table_counts_the_networks_that_trained(tmp_path):
+    dead, alive = [88.65, 60.0, 88.65, 62.0, 64.0], [50.0, 40.0, 30.0, 35.0, 45.0]
+    a = _write(tmp_path / 'a.jsonl', {'baseline': dead})
+    b = _write(tmp_path / 'b.jsonl', {'baseline': alive})
+    text = faithfulness.document(['as is', 'bias'], [a, b], title='Width 2')
+    assert text.startswith('# Width 2\n')
+    assert _cells(text, 'as is')[3:] == ['3/5', f'{np.mean([60.0, 62.0, 64.0]):.2f}']
+    assert _cells(text, 'bias')[2].startswith(f'{np.mean(alive):.2f} ± {np.std(alive, ddof=1):.2f}')

@@ -242,7 +242,7 @@ def test_manifest_regenerates_reports(sweep, tmp_path):
     t10 = (root / 'docs' / 'results' / 't10.md').read_text()
     assert t10 == records.render_entry(manifest[1], str(root))
     assert '## Table 10' in t10 and '## Table 7' not in t10 and '`mnist_mlp/default`' not in t10
-    (root / 'bad.json').write_text(json.dumps([{**manifest[0], 'title': 'x'}]))
+    (root / 'bad.json').write_text(json.dumps([{**manifest[0], 'colour': 'x'}]))
     with pytest.raises(ValueError, match='unknown keys'):
         records.read_manifest(str(root / 'bad.json'))
 

@@ -111,12 +111,43 @@ def _mean_sd(values: Sequence[float]) -> str:
     return f'{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f} (n={len(values)})'
 
 
-def document(names: Sequence[str], paths: Sequence[str]) -> str:
-    """The committed markdown: a title, each variant's `Runs:` line (epochs, seeds, commit), the table."""
-    lines = [f'# {names[1]} vs {names[0]}: MNIST MLP, final test error', '']
+#: A final error at or above this (%) is a network that did not train (chance is 88.65 % on MNIST's test set).
+UNTRAINED_ERROR = 80.0
+
+
+def baselines(names: Sequence[str], paths: Sequence[str]) -> str:
+    """Markdown of baseline-only variants (e.g. the width-2 hypotheses): per-seed errors and how many trained."""
+    header = ['Variant', 'final test error (%) per seed', 'mean ± std', 'trained', 'mean of the trained']
+    rows = []
+    for name, path in zip(names, paths):
+        by_seed = final_errors(path)['baseline']
+        errors = [by_seed[s] for s in sorted(by_seed)]
+        trained = [e for e in errors if e < UNTRAINED_ERROR]
+        rows.append(
+            [
+                name,
+                ', '.join(f'{e:.2f}' for e in errors),
+                _mean_sd(errors),
+                f'{len(trained)}/{len(errors)}',
+                f'{np.mean(trained):.2f}' if trained else report.MISSING,
+            ]
+        )
+    return '\n'.join(report._md_table(header, rows)) + '\n'  # pylint: disable=protected-access
+
+
+def document(names: Sequence[str], paths: Sequence[str], title: Optional[str] = None) -> str:
+    """The committed markdown: a title, each variant's `Runs:` line (epochs, seeds, commit), the table.
+
+    Two variants of the same regularizers get the comparison of `render`; variants with baseline runs
+    only (any number of them) get the table of `baselines`.
+    """
+    only_baselines = all(set(final_errors(p)) == {'baseline'} for p in paths)
+    title = title or (' / '.join(names) if only_baselines else f'{names[1]} vs {names[0]}')
+    lines = [f'# {title}', '']
     for name, path in zip(names, paths):
         loaded = records.load_records([path])
         scenarios = sorted({r.scenario for r in loaded.runs})
         lines.append(f'{name}: {report.protocol_line(scenarios, loaded.runs)}')
         lines.append('')
-    return '\n'.join(lines) + '\n' + render(names, paths)
+    table = baselines(names, paths) if only_baselines else render(names, paths)
+    return '\n'.join(lines) + '\n' + table

@@ -21,8 +21,8 @@ A manifest (``docs/results/reports.json``) lists the committed reports and the r
 
 Paths are relative to the repository root (``root``); ``tables`` (optional) restricts the report to those
 keys of `cwreg.experiments.report.TABLES` ('other': scenarios outside them); without it the report has every table.
-An entry with ``"variants": [name_a, name_b]`` and one records file per variant is a comparison of two
-variants of the same runs instead (`cwreg.experiments.faithfulness`).
+An entry with ``"variants": [name, ...]`` and one records file per variant is a comparison of variants of
+the same runs instead (`cwreg.experiments.faithfulness`), under an optional ``"title"``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from cwreg.experiments import report
 # Runs a records file keeps: results. Runs in progress are not results yet.
 KEPT_STATUSES: tuple[str, ...] = ('finished', 'diverged')
 _REQUIRED = ('scenario', 'regularizer', 'weight', 'seed', 'phase', 'status')
-MANIFEST_KEYS = frozenset({'out', 'records', 'tables', 'variants'})
+MANIFEST_KEYS = frozenset({'out', 'records', 'tables', 'variants', 'title'})
 
 _log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def render_entry(entry: Mapping[str, Any], root: str = '.') -> str:
     if 'variants' in entry:  # one records file per variant of the same runs (e.g. the TF 1.x check)
         from cwreg.experiments import faithfulness  # pylint: disable=g-import-not-at-top  (it imports this module)
 
-        return faithfulness.document(entry['variants'], paths)
+        return faithfulness.document(entry['variants'], paths, title=entry.get('title'))
     return report.render(load_records(paths), tables=entry.get('tables'))
 
 
