@@ -40,9 +40,22 @@ def _length(scenario: str, workdirs: Sequence[str]) -> str:
 
 
 def representation_figures(
-    sweep_dir: str, out_dir: str, regularizers: Sequence[str] = ('cr', 'cw_cr', 'vr', 'cw_vr'), seed: int = 0
+    sweep_dir: str,
+    out_dir: str,
+    regularizers: Sequence[str] = ('cr', 'cw_cr', 'vr', 'cw_vr'),
+    seed: Optional[int] = None,
 ) -> list[str]:
-    """Writes Figure 1 (baseline at init, baseline, cw-CR) and Figure 2 (all) as PNGs; returns their paths."""
+    """Writes Figure 1 (baseline at init, baseline, cw-CR) and Figure 2 (all) as PNGs; returns their paths.
+
+    `seed`: the final seed whose models are drawn; None: the baseline's lowest final seed in `sweep_dir`.
+    """
+    if seed is None:
+        seeds = [
+            r.seed for r in report.load_runs([os.path.join(sweep_dir, 'baseline')]).runs if r.phase == 'final'
+        ]
+        if not seeds:
+            raise ValueError(f'{sweep_dir} has no finished final run of the baseline to draw.')
+        seed = min(seeds)
     baseline_dir = sweep.run_dir(sweep_dir, 'baseline', 'final', seed=seed)
     config = _config_of(baseline_dir)
     dataset = loop.load_data(config)
