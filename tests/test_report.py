@@ -643,3 +643,22 @@ def test_dropout_bn_verdict():
     assert _verdict({'dropout': do, 'batchnorm': low_bn, 'cw_vr': better}) == 'does not hold'
     assert _verdict({'dropout': do, 'cw_vr': better}) == 'n/a'  # no batch norm row
     assert _verdict({'dropout': do, 'batchnorm': bn}) == 'n/a'  # neither cw-VR nor L1R
+
+
+def test_table5_paired_correlation_differences_of_dropout(tmp_path):
+    """Issue #14: 'dropout does not reduce correlation' needs dropout − baseline paired over seeds."""
+    s = 'mnist_mlp/default'
+    base_corr, drop_corr = [0.30, 0.32, 0.28, 0.31, 0.29], [0.27, 0.30, 0.27, 0.28, 0.28]
+    for reg, weight, corr in (('baseline', 0.0, base_corr), ('dropout', 0.1, drop_corr)):
+        for seed, c in enumerate(corr, start=1):
+            d = _write(str(tmp_path), f'{reg}/final_s{seed}', _run(s, reg, weight, seed, 'final', 2.5))
+            with open(os.path.join(d, 'stats.json'), 'w') as f:
+                json.dump({**_BASELINE_STATS[0], 'correlation': c, 'cw_correlation': 2 * c}, f)
+    text = report.render(report.load_runs([str(tmp_path)]))
+    (line,) = [l for l in text.splitlines() if l.startswith('- Dropout − Baseline, paired over seeds:')]
+    mean, _, low, high = _hand_paired(dict(enumerate(drop_corr)), dict(enumerate(base_corr)))
+    assert f'CORRELATION (CR) {mean:+.3f} [{low:+.3f}, {high:+.3f}] (n=5' in line, line
+    mean2, _, low2, high2 = _hand_paired(
+        {i: 2 * c for i, c in enumerate(drop_corr)}, {i: 2 * c for i, c in enumerate(base_corr)}
+    )
+    assert f'CW CORRELATION (cw-CR) {mean2:+.3f} [{low2:+.3f}, {high2:+.3f}]' in line, line

@@ -386,6 +386,7 @@ class Cell:
     pending_final: dict[str, int] = dataclasses.field(default_factory=dict)  # status -> count
     pending_select: dict[float, str] = dataclasses.field(default_factory=dict)  # λ -> status
     final_by_seed: dict[int, float] = dataclasses.field(default_factory=dict)  # what paired tests pair
+    stats_by_seed: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)  # Table 5, paired
 
 
 def build_cells(runs: Iterable[Run], pending: Iterable[Pending] = ()) -> dict[str, dict[str, Cell]]:
@@ -419,20 +420,34 @@ def build_cells(runs: Iterable[Run], pending: Iterable[Pending] = ()) -> dict[st
                 pending_final=dict(collections.Counter(p.status for p in wait if p.phase == 'final')),
                 pending_select={p.weight: p.status for p in wait if p.phase == 'select'},
                 final_by_seed=_final_by_seed(finals, chosen),
+                stats_by_seed=_stats_by_seed(finals, chosen),
             )
     return cells
 
 
-def _final_by_seed(finals: Sequence[Run], chosen: Optional[float]) -> dict[int, float]:
-    """{seed: metric} of the final runs of one λ: the chosen one, else the only one; {} when ambiguous."""
+def _stats_by_seed(finals: Sequence[Run], chosen: Optional[float]) -> dict[str, dict[int, float]]:
+    """{statistic: {seed: value}} of the final runs at `_paired_weight` (Table 5's paired differences)."""
+    weight = _paired_weight(finals, chosen)
+    out: dict[str, dict[int, float]] = collections.defaultdict(dict)
+    for r in finals:
+        if weight is not None and r.weight == weight:
+            for key, value in (r.stats or {}).items():
+                out[key][r.seed] = value
+    return dict(out)
+
+
+def _paired_weight(finals: Sequence[Run], chosen: Optional[float]) -> Optional[float]:
+    """The λ whose final runs paired tests pair: the chosen one, else the only one; None when ambiguous."""
     weights = {r.weight for r in finals}
     if chosen in weights:
-        weight = chosen
-    elif len(weights) == 1:
-        weight = next(iter(weights))
-    else:  # several final λ, none of them the chosen one: no honest pairing
-        return {}
-    return {r.seed: r.metric for r in finals if r.weight == weight}
+        return chosen
+    return next(iter(weights)) if len(weights) == 1 else None  # several λ, none chosen: no honest pairing
+
+
+def _final_by_seed(finals: Sequence[Run], chosen: Optional[float]) -> dict[int, float]:
+    """{seed: metric} of the final runs at `_paired_weight`; {} when ambiguous."""
+    weight = _paired_weight(finals, chosen)
+    return {r.seed: r.metric for r in finals if weight is not None and r.weight == weight}
 
 
 def grouped_runs(grouped: Mapping[str, Mapping[str, list[Run]]]) -> list[Run]:
@@ -983,6 +998,31 @@ def render_table5(
     return _md_table(header, rows)
 
 
+#: Table 5 statistics compared with the baseline's, paired over seeds: does dropout reduce correlation?
+TABLE5_PAIRED = ('correlation', 'cw_correlation')
+
+
+def _table5_differences(cells: Mapping[str, Cell]) -> list[str]:
+    """Lines "X − Baseline: CORRELATION d [CI] …" for dropout and batch norm (the paper's Discussion)."""
+    base = cells.get('baseline')
+    lines = []
+    for reg in ('dropout', 'batchnorm'):
+        cell = cells.get(reg)
+        if base is None or cell is None:
+            continue
+        parts = []
+        for key in TABLE5_PAIRED:
+            d = paired_difference(cell.stats_by_seed.get(key, {}), base.stats_by_seed.get(key, {}))
+            if d is not None and d.low is not None:
+                parts.append(
+                    f'{stats_lib.STAT_TITLES[key]} {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}] '
+                    f'(n={d.n}, {format_p(d.p)})'
+                )
+        if parts:
+            lines.append(f'- {DISPLAY_NAMES[reg]} − Baseline, paired over seeds: ' + '; '.join(parts) + '.')
+    return lines + ([''] if lines else [])
+
+
 def _metric_of(scenario: str, runs: Sequence[Run]) -> str:
     scenario_runs = [r for r in runs if r.scenario == scenario]
     if scenario_runs and all(r.error is None for r in scenario_runs):
@@ -1130,6 +1170,8 @@ def _render_spec(
         ]
     lines = [f'## {spec.title}{label}', '', protocol_line(scenarios, items), '']
     lines += (render_table5 if spec.key == '5' else render_error_table)(spec, cells, paper) + ['']
+    if spec.key == '5':
+        lines += _table5_differences(cells.get(scenarios[0], {}))
     gains = render_gains_table(spec, cells, paper) if spec.key not in ('5', 'other') else []
     if gains:
         lines += [f'## Table {spec.key} gains, paired over seeds{label}', '', *gains, '']
