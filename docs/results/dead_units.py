@@ -15,7 +15,7 @@ from cwreg.training import data
 def dead_fraction(images: jax.Array, init, seeds: int, width: int, depth: int = 5) -> float:
     dead = 0
     for seed in range(seeds):
-        key, h = jax.random.PRNGKey(seed), images
+        key, h = jax.random.key(seed), images
         for _ in range(depth):
             key, sub = jax.random.split(key)
             h = jnp.maximum(h @ init(sub, (h.shape[1], width)), 0.0)
