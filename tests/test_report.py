@@ -662,3 +662,11 @@ def test_table5_paired_correlation_differences_of_dropout(tmp_path):
         {i: 2 * c for i, c in enumerate(drop_corr)}, {i: 2 * c for i, c in enumerate(base_corr)}
     )
     assert f'CW CORRELATION (cw-CR) {mean2:+.3f} [{low2:+.3f}, {high2:+.3f}]' in line, line
+
+
+def test_columns_of_different_protocols_get_a_runs_line_each(text):
+    """The default and 5k columns of the fake sweep ran other final seeds: one merged line would mislead."""
+    section = _section(text, '## Table 7:')
+    runs = [l for l in section if 'Runs:' in l]
+    assert [l.split(':')[0] for l in runs] == ['- `mnist_mlp/default`', '- `mnist_mlp/size5k`'], runs
+    assert 'seeds 0–4' in runs[0] and 'seeds 0–1' in runs[1] or 'seeds 0, 1' in runs[1], runs

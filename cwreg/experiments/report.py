@@ -786,6 +786,17 @@ def protocol_line(scenarios: Sequence[str], items: Sequence[Run | Pending]) -> s
     return 'Runs: ' + '; '.join(parts) + '.'
 
 
+def _protocol_lines(
+    scenarios: Sequence[str], items: Sequence[Run | Pending], cells: Mapping[str, Mapping[str, Cell]]
+) -> list[str]:
+    """The table's `Runs:` line; one per column (named) when its columns ran different protocols."""
+    ran = [s for s in scenarios if _has_data(cells, s)]
+    per_column = {s: protocol_line([s], items) for s in ran}
+    if len(set(per_column.values())) <= 1:
+        return [protocol_line(scenarios, items)]
+    return [f'- `{s}`: {line}' for s, line in per_column.items()]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Paired statistics: gains over the baseline, paired by seed, and their comparison with the paper's.
 
@@ -1168,7 +1179,7 @@ def _render_spec(
             f'Not run: no results for {", ".join(f"`{s}`" for s in scenarios)}.',
             '',
         ]
-    lines = [f'## {spec.title}{label}', '', protocol_line(scenarios, items), '']
+    lines = [f'## {spec.title}{label}', '', *_protocol_lines(scenarios, items, cells), '']
     lines += (render_table5 if spec.key == '5' else render_error_table)(spec, cells, paper) + ['']
     if spec.key == '5':
         lines += _table5_differences(cells.get(scenarios[0], {}))
