@@ -246,7 +246,12 @@ def _launch(tmp_path, name: str, args: list[str], num_train: int, delay: float) 
     env.pop('JAX_PLATFORMS', None)  # let JAX probe for accelerators, as a user's run does
     with open(tmp_path / f'{name}.out', 'w') as out, open(tmp_path / f'{name}.err', 'w') as err:
         command = [sys.executable, str(script), T.TESTS_DIR, args[0], str(num_train), str(delay), *args[1:]]
-        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=err)
+        # A shell's background job (`nohup .ci/run &`) ignores SIGINT, and children inherit that: Python then
+        # installs no Ctrl-C handler. Give the launched run the terminal's disposition, as a user's has.
+        restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+        return subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=out, stderr=err, preexec_fn=restore_sigint
+        )
 
 
 def _stop_after_first_checkpoint(proc: subprocess.Popen, pattern: str, signum: int) -> None:
