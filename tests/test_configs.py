@@ -86,15 +86,16 @@ def test_every_family_has_a_weight_for_every_regularizer(family):
 
 @pytest.mark.parametrize('family', [mnist_mlp, cifar10_cnn, cifar100_cnn])
 def test_dropout_and_batchnorm_configs_load(family):
-    """Issue #14: `--config=configs/mnist_mlp.py:dropout` (and the CNNs') trains dropout at rate 0.5, and
-    `:batchnorm` batch norm; both validate."""
+    """Issue #14: `--config=configs/mnist_mlp.py:dropout` (and the CNNs') trains dropout at the family's rate
+    (the MLP: the one its search chose; the CNNs, unsearched: 0.5), and `:batchnorm` batch norm; both validate."""
     from cwreg.training import config as config_lib
     from cwreg.training import registry
 
     dropout, batchnorm = family.get_config('dropout'), family.get_config('batchnorm')
-    assert (dropout.model.dropout, dropout.model.batchnorm) == (0.5, False)
+    rate = family.WEIGHTS['dropout']
+    assert 0 < rate < 1 and (dropout.model.dropout, dropout.model.batchnorm) == (rate, False)
     assert (batchnorm.model.dropout, batchnorm.model.batchnorm) == (0.0, True)
-    assert registry.regularizer_name(dropout) == 'dropout' and registry.regularizer_weight(dropout) == 0.5
+    assert registry.regularizer_name(dropout) == 'dropout' and registry.regularizer_weight(dropout) == rate
     assert registry.regularizer_name(batchnorm) == 'batchnorm'
     config_lib.validate_config(dropout)
     config_lib.validate_config(batchnorm)
