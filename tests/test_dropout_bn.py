@@ -31,7 +31,7 @@ for path in (REPO_ROOT, TESTS_DIR):
 
 import test_train as tt  # noqa: E402  (its mock-data helpers; pytest collects only its own module's tests)
 
-from configs import cifar10_cnn, default, mnist_autoencoder, resnet  # noqa: E402
+from configs import cifar10_cnn, default, mnist_autoencoder, mnist_mlp, resnet  # noqa: E402
 from cwreg import names  # noqa: E402
 from cwreg.training import config as config_lib  # noqa: E402
 from cwreg.training import loop, models, registry  # noqa: E402
@@ -413,7 +413,11 @@ def test_group_of_dropout_rates_equals_the_runs_trained_one_by_one(tmp_path):
         separate = [loop.train_and_evaluate(c, str(tmp_path / f's{i}')) for i, c in enumerate(configs)]
     group_state = _final_state(str(tmp_path / 'group'))
     for r, (g, s) in enumerate(zip(grouped, separate)):
-        assert (g['regularizer'], g['weight']) == (s['regularizer'], s['weight']) == ('cw_vr', 1.0)
+        assert (
+            (g['regularizer'], g['weight'])
+            == (s['regularizer'], s['weight'])
+            == ('cw_vr', mnist_mlp.WEIGHTS['cw_vr'])
+        )
         assert g['config']['model']['dropout'] == configs[r].model.dropout
         np.testing.assert_allclose(g['loss'], s['loss'], rtol=1e-5)
         alone = _final_state(str(tmp_path / f's{r}'))

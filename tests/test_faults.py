@@ -308,7 +308,9 @@ def test_launch_train_stops_in_one_line_resumes_and_refuses_another_config(tmp_p
     out, err = _outputs(tmp_path, 'resumed')
     progress = [_PROGRESS.match(l) for l in out.splitlines()[:-1]]
     assert all(progress) and [int(m.group(1)) for m in progress] == list(range(saved + 1, 4)), out
-    assert out.splitlines()[-1].startswith('mnist_mlp/size1k cw_vr (λ=1.0, seed 0): test error (%) = ')
+    assert out.splitlines()[-1].startswith(
+        f'mnist_mlp/size1k cw_vr (λ={mnist_mlp.WEIGHTS["cw_vr"]}, seed 0): test error (%) = '
+    )
     assert 'train_loss' not in err  # no copy of the progress lines from clu's logging writer
 
     proc = _launch(tmp_path, 'other', args + ['--config.model.width=50'], T._NUM_TRAIN, delay=0.0)
