@@ -857,17 +857,26 @@ def paper_gain(a: Optional[Mapping[str, Any]], b: Optional[Mapping[str, Any]]) -
     return PaperGain(float(a['mean']) - float(b['mean']), math.sqrt(sum(v for v, _ in terms)), terms)
 
 
+def welch(diff: float, terms: Sequence[tuple[float, int]], level: float = 0.95) -> tuple[float, float]:
+    """Half-width of the `level` CI and two-sided p of `diff`, whose variance is the sum of `terms`
+    ((variance s²/n, dof n−1) of each mean), against Student t with Welch–Satterthwaite dof."""
+    var = sum(v for v, _ in terms)
+    dof = var**2 / sum(v**2 / k for v, k in terms if v > 0)
+    se = math.sqrt(var)
+    return float(scipy_stats.t.ppf(0.5 + level / 2, dof)) * se, float(
+        2.0 * scipy_stats.t.sf(abs(diff) / se, dof)
+    )
+
+
 def differs_from_paper(ours: Paired, paper: PaperGain) -> Optional[float]:
     """Two-sided p of (our gain − the paper's) / √(SE_ours² + SE_paper²), Student t with Welch–Satterthwaite
     dof over the three variance terms (ours, n−1; the paper's two means, n−1 each). None if undefined."""
     if ours.se is None:
         return None
     terms = ((ours.se**2, ours.n - 1),) + paper.terms
-    var = sum(v for v, _ in terms)
-    if var <= 0:
+    if sum(v for v, _ in terms) <= 0:
         return None
-    dof = var**2 / sum(v**2 / k for v, k in terms if v > 0)
-    return float(2.0 * scipy_stats.t.sf(abs(ours.mean - paper.mean) / math.sqrt(var), dof))
+    return welch(ours.mean - paper.mean, terms)[1]
 
 
 def _signed(x: float, metric: str) -> str:
