@@ -2,7 +2,7 @@ r"""λ search over S selection seeds, then F final seeds, for every regularizer 
 
   python launch/sweep.py --config=configs/mnist_mlp.py:default --sweep_dir=workdirs/mnist_mlp_default \
       [--regularizers=baseline,cw_vr] [--selection_seeds=3] [--final_seeds=10] [--max_group=6] \
-      [--config.dataset.data_dir=...]
+      [--config.dataset.data_dir=...] [--restore_from=docs/results/records/mnist_mlp_default.jsonl]
 
 --selection_seeds=1 --final_seeds=5 is the paper's protocol (one validation run per λ, 5 seeds); the default
 (3 and 10) chooses λ by a mean over 3 seeds and measures it on 10 others (cwreg/experiments/sweep.py).
@@ -49,6 +49,12 @@ flags.DEFINE_list('weights', ','.join(f'{w:g}' for w in names.WEIGHT_GRID), 'The
 flags.DEFINE_integer('selection_seeds', 3, 'S: seeds 0..S-1 train each λ; λ is chosen by their mean.')
 flags.DEFINE_integer('final_seeds', 10, 'F: final runs per regularizer, seeds S..S+F-1.')
 flags.DEFINE_integer('max_group', 6, 'Runs trained together as one vmapped program.')
+flags.DEFINE_list(
+    'restore_from',
+    [],
+    'Records files (docs/results/records/*.jsonl) whose runs count as done: restored into --sweep_dir '
+    'first, so only what they lack is trained (sweep.restore_from_records).',
+)
 flags.mark_flags_as_required(['config', 'sweep_dir'])
 
 
@@ -62,13 +68,17 @@ def main(argv):
     from cwreg.training import loop
 
     loop.quiet_backend_probing()
+    protocol = sweep.Protocol.of(FLAGS.selection_seeds, FLAGS.final_seeds)
+    for path in FLAGS.restore_from:
+        count = sweep.restore_from_records(FLAGS.config, FLAGS.sweep_dir, path, protocol)
+        print(f'Restored {count} runs from {path} into {FLAGS.sweep_dir}.')
     chosen = loop.run_command(
         lambda: sweep.run_sweep(
             FLAGS.config,
             FLAGS.sweep_dir,
             regularizers=FLAGS.regularizers,
             grid=[float(w) for w in FLAGS.weights],
-            protocol=sweep.Protocol.of(FLAGS.selection_seeds, FLAGS.final_seeds),
+            protocol=protocol,
             max_group=FLAGS.max_group,
         )
     )

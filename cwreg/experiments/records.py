@@ -103,6 +103,19 @@ def _read_lines(path: str, out: report.LoadedRuns) -> list[tuple[str, str, dict[
     return items
 
 
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The records of one records file (`report.RECORD_FIELDS` each), in file order.
+
+    Raises:
+      ValueError: naming the line, for a line that is not JSON or lacks a required field.
+    """
+    out = report.LoadedRuns(runs=[])
+    items = _read_lines(path, out)
+    if out.unreadable:
+        raise ValueError(f'{path}: unreadable records at {", ".join(out.unreadable_shown)} (see the log).')
+    return [record for _, _, record in items]
+
+
 def load_records(paths: Sequence[str]) -> report.LoadedRuns:
     """The runs of records files, as `cwreg.experiments.report.load_runs` gives them for the sweep directories.
 

@@ -40,11 +40,12 @@ import ml_collections
 import numpy as np
 
 from cwreg import names
+from cwreg.experiments import records as records_lib
 from cwreg.experiments import report
 from cwreg.experiments import stats as stats_lib
 from cwreg.training import config as config_lib
 from cwreg.training import data as data_lib
-from cwreg.training import loop, rundir
+from cwreg.training import loop, registry, rundir
 
 DONE = ('finished', 'diverged')
 VARIABLES_FILE = 'final_variables.msgpack'
@@ -312,6 +313,67 @@ def run_sweep(
             for workdir in final_dirs:
                 write_statistics(workdir)
     return chosen
+
+
+def restore_from_records(
+    base: ml_collections.ConfigDict, sweep_dir: str, records_path: str, protocol: Protocol = POWERED
+) -> int:
+    """Writes into `sweep_dir` the results.json (and a final run's stats.json) of each run in a records file.
+
+    A sweep resumed there afterwards counts those runs as done and trains only what the records lack, e.g.
+    more selection seeds for a column whose sweep directory is gone but whose records are committed. A
+    restored run is exactly its record: error, loss, penalty, wall time, status, Table 5 statistics and the
+    commit that trained it (``provenance.git_commit``, with ``restored_from`` naming the file). Its config is
+    the one `run_sweep` would ask for, so a run the sweep wants differently (another λ now chosen, another
+    number of epochs…) is trained again as usual. It has no final variables: figures need retrained runs.
+    Only runs of `protocol` are restored: a record of a seed outside its selection (final) seeds is not a
+    select (final) run of this sweep. Existing results.json files are left as they are.
+
+    Returns:
+      How many runs were restored.
+
+    Raises:
+      ValueError: a record of another scenario or another number of epochs than `base`, or one whose
+        regularizer and λ the sweep would not record as such (e.g. a λ for the baseline).
+    """
+    restored = 0
+    for record in records_lib.read_records(records_path):
+        seeds = protocol.selection_seeds if record['phase'] == 'select' else protocol.final_seeds
+        if record['seed'] not in seeds:
+            continue
+        config = run_config(
+            base, record['regularizer'], record['weight'], record['seed'], record['phase'] == 'select'
+        )
+        identity = registry.run_identity(config)
+        mismatched = {k: (record[k], identity[k]) for k in identity if record[k] != identity[k]}
+        if record['epochs'] != config.num_epochs:
+            mismatched['epochs'] = (record['epochs'], config.num_epochs)
+        if mismatched:
+            raise ValueError(
+                f'{records_path}: a record is not a run of this sweep (record vs sweep: {mismatched}); '
+                f'restore only records of {base.scenario} at {base.num_epochs} epochs.'
+            )
+        workdir = run_dir(sweep_dir, record['regularizer'], record['phase'], record['weight'], record['seed'])
+        if os.path.exists(os.path.join(workdir, 'results.json')):
+            continue
+        os.makedirs(workdir, exist_ok=True)
+        if record['phase'] == 'final' and record.get('stats'):
+            split = 'validation' if config.dataset.validation else 'test'
+            layer = config.penalty.layer
+            with open(os.path.join(workdir, 'stats.json'), 'w') as f:
+                json.dump({**record['stats'], 'layer': layer, 'split': split}, f, indent=2)
+        result = {
+            **identity,
+            **{k: record[k] for k in ('eval_split', 'error', 'loss', 'penalty_value', 'steps', 'status')},
+            'epochs': record['epochs'],
+            'wall_time_s': record['wall_time_s'],
+            'config': config.to_dict(),
+            'provenance': {'git_commit': record['commit'], 'restored_from': os.path.basename(records_path)},
+        }
+        with open(os.path.join(workdir, 'results.json'), 'w') as f:
+            json.dump(result, f, indent=2)
+        restored += 1
+    return restored
 
 
 # ------------------------------------------------------------------------------------------------------------
