@@ -284,7 +284,7 @@ def test_default_outputs_are_not_committed_results(sweep, tmp_path):
 
 
 def test_figure_titles_state_the_epochs_run(tmp_path):
-    from cwreg.experiments import figures  # pylint: disable=g-import-not-at-top  (imports the training stack)
+    from cwreg.experiments import figures, layers  # pylint: disable=g-import-not-at-top  (the training stack)
 
     layer_dir = str(tmp_path / 'layers')
     for seed, epochs in enumerate((10, 10)):
@@ -293,10 +293,11 @@ def test_figure_titles_state_the_epochs_run(tmp_path):
             f'cw_vr/layer3/final_s{seed}',
             _result('mnist_mlp/default@layer3', 'cw_vr', 0.1, seed, 'final', 2.5, epochs=epochs),
         )
-    assert (
-        figures.figure3_title(layer_dir, 'mnist_mlp/default')
-        == "Figure 3: mnist_mlp/default, 10 epochs, shorter than the paper's 50"
-    )
+    runs = report.load_runs([layer_dir]).runs
+    heading = layers.document(runs, ['layer3', 'layer5'], 'layer5').splitlines()[0]
+    assert heading == "# Figure 3: mnist_mlp/default, 10 epochs, shorter than the paper's 50"
+    png = layers.figure(runs, ['layer3', 'layer5'], 'layer5', str(tmp_path / 'f3.png'))
+    assert set(png) == {'cw_vr'}
     full = str(tmp_path / 'full')
     _write(full, 'a', _result('mnist_mlp/default', 'baseline', 0.0, 0, 'final', 2.8))
     payload = _result('mnist_mlp/default', 'cw_cr', 1.0, 0, 'final', 2.5)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import mnist_mlp
-from cwreg.experiments import figures, report, sweep
+from cwreg.experiments import figures, layers, report, sweep
 from cwreg.training import loop
 
 # Two selection seeds, so that the choice is by a mean; two final seeds, disjoint from them.
@@ -307,18 +307,29 @@ def test_a_truncated_results_json_is_named_and_its_run_retrained(tiny_sweep, tmp
     assert _results(workdir)['status'] == 'finished'
 
 
-def test_layer_dependency_reads_only_the_lambda_search_of_its_config(monkeypatch, tmp_path):
-    """Figures 2-3 train each layer with the λ chosen by the sweep of the same config, not of any run."""
+def test_layer_dependency_trains_the_other_layers_on_the_final_seeds_with_the_chosen_lambda(
+    monkeypatch, tmp_path
+):
+    """Figure 3 trains each layer but the default one (the sweep's finals) with the λ chosen by the sweep of
+    the same config over the protocol's selection seeds, on the protocol's final seeds."""
     base = mnist_mlp.get_config('cw_vr')
     asked, trained = [], []
-    monkeypatch.setattr(sweep, 'chosen_weight', lambda d, name, b=None: asked.append(b) or 0.1)
-    monkeypatch.setattr(sweep, '_train', lambda configs, *args: trained.extend(configs))
-    figures.run_layer_dependency(
-        base, str(tmp_path / 'layers'), str(tmp_path / 'sweep'), ['cw_vr'], ['layer3']
+    monkeypatch.setattr(
+        sweep, 'chosen_weight', lambda d, name, b=None, seeds=None: asked.append((b, seeds)) or 0.1
     )
-    assert asked == [base] and [c.penalty.layer for c in trained] == ['layer3']
-    monkeypatch.setattr(sweep, 'chosen_weight', lambda d, name, b=None: None)
+    monkeypatch.setattr(sweep, '_train', lambda configs, *args: trained.extend(configs))
+    protocol = sweep.Protocol((0, 1), (5, 6, 7))
+    weights = layers.run_layer_dependency(
+        base, str(tmp_path / 'layers'), str(tmp_path / 'sweep'), ['cw_vr'], ['layer3', 'layer5'], protocol
+    )
+    assert weights == {'cw_vr': 0.1} and asked == [(base, (0, 1))]
+    assert [(c.penalty.layer, c.seed, c.penalty.weight) for c in trained] == [
+        ('layer3', s, 0.1) for s in (5, 6, 7)
+    ]
+    assert {c.scenario for c in trained} == {'mnist_mlp/default@layer3'}
+    assert all(not c.dataset.validation for c in trained)
+    monkeypatch.setattr(sweep, 'chosen_weight', lambda d, name, b=None, seeds=None: None)
     with pytest.raises(ValueError, match='no finished λ search for cw_vr with this config'):
-        figures.run_layer_dependency(
-            base, str(tmp_path / 'l2'), str(tmp_path / 'sweep'), ['cw_vr'], ['layer3']
+        layers.run_layer_dependency(
+            base, str(tmp_path / 'l2'), str(tmp_path / 'sweep'), ['cw_vr'], ['layer3'], protocol
         )

@@ -1,22 +1,18 @@
-"""The paper's Figures 1–3 from finished runs, and the layer-dependency runs behind Figure 3.
+"""The paper's Figures 1 and 2 from a finished sweep (Figure 3, layer dependency: `cwreg.experiments.layers`).
 
-* Figures 1 and 2: the regularized layer's representation on the test images for the baseline at
-  initialization, the trained baseline and each representation regularizer (final run of seed 0 of a
-  sweep): per-class histogram of one unit, per-class scatter of two units, top-3 principal components of
-  the pre-ReLU representation.
-* Figure 3: test error vs the layer the regularizer is applied to. The λ of each regularizer is the one its
-  λ search chose on the paper's default layer (the paper does not say how it chose λ per layer).
+The regularized layer's representation on the test images for the baseline at initialization, the trained
+baseline and each representation regularizer (final runs of one seed of a sweep, by default the baseline's
+lowest): per-class histogram of one unit, per-class scatter of two units, top-3 principal components of the
+pre-ReLU representation.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Optional, Sequence
 
 import ml_collections
-import numpy as np
 
 from cwreg.experiments import plots, report, sweep
 from cwreg.names import DISPLAY_NAMES
@@ -87,75 +83,3 @@ def representation_figures(
         plots.plot_representation_grid(models, dataset.eval.labels, path, title=title)
         paths.append(path)
     return paths
-
-
-def run_layer_dependency(
-    base: ml_collections.ConfigDict,
-    layer_dir: str,
-    sweep_dir: str,
-    regularizers: Sequence[str],
-    layers: Sequence[str],
-    seeds: Sequence[int] = (0,),
-    max_group: int = 6,
-) -> None:
-    """Trains each regularizer on each layer with the λ its sweep chose (final protocol, test split)."""
-    progress = sweep.Progress(total=len(regularizers) * len(layers) * len(seeds))
-    for name in regularizers:
-        weight = sweep.chosen_weight(sweep_dir, name, base)  # only λ searches of this very config
-        if weight is None:
-            raise ValueError(f'{sweep_dir} has no finished λ search for {name} with this config.')
-        for layer in layers:
-            configs, workdirs = [], []
-            for seed in seeds:
-                config = ml_collections.ConfigDict(
-                    sweep.run_config(base, name, weight, seed, False).to_dict()
-                )
-                config.penalty.layer = config.weight_penalty.layer = layer
-                config.scenario = f'{base.scenario}@{layer}'
-                configs.append(config)
-                workdirs.append(os.path.join(layer_dir, name, layer, f'final_s{seed}'))
-            sweep._train(
-                configs,
-                workdirs,
-                os.path.join(layer_dir, name, layer),
-                progress,  # pylint: disable=protected-access
-                max_group,
-            )
-
-
-def layer_dependency_results(layer_dir: str, sweep_dir: str) -> dict[str, object]:
-    """{regularizer: {layer: (mean, std)}} from the layer runs, plus the baseline's (mean, std)."""
-    per = collections.defaultdict(lambda: collections.defaultdict(list))
-    for run in report.load_runs([layer_dir]).runs:
-        per[run.regularizer][run.scenario.split('@')[-1]].append(run.metric)
-    results: dict[str, object] = {
-        reg: {
-            layer: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-            for layer, v in layers.items()
-        }
-        for reg, layers in per.items()
-    }
-    baseline = [
-        r.metric for r in report.load_runs([os.path.join(sweep_dir, 'baseline')]).runs if r.phase == 'final'
-    ]
-    if baseline:
-        results['baseline'] = (
-            float(np.mean(baseline)),
-            float(np.std(baseline, ddof=1)) if len(baseline) > 1 else 0.0,
-        )
-    return results
-
-
-def figure3_title(layer_dir: str, scenario: str) -> str:
-    """``Figure 3: <scenario>, 50 epochs`` with the epochs of the layer runs (labelled when short)."""
-    loaded = report.load_runs([layer_dir])
-    epochs = [r.epochs for r in loaded.runs] + [p.epochs for p in loaded.pending]
-    return f'Figure 3: {scenario}, {report.epochs_phrase(scenario, epochs)}'
-
-
-def layer_dependency_figure(
-    layer_dir: str, sweep_dir: str, path: str, layers: Sequence[str], title: str
-) -> Mapping[str, object]:
-    results = layer_dependency_results(layer_dir, sweep_dir)
-    plots.plot_layer_dependency(results, path, title=title, layer_order=list(layers))
-    return results

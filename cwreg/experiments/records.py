@@ -22,7 +22,9 @@ A manifest (``docs/results/reports.json``) lists the committed reports and the r
 Paths are relative to the repository root (``root``); ``tables`` (optional) restricts the report to those
 keys of `cwreg.experiments.report.TABLES` ('other': scenarios outside them); without it the report has every table.
 An entry with ``"variants": [name, ...]`` and one records file per variant is a comparison of variants of
-the same runs instead (`cwreg.experiments.faithfulness`), under an optional ``"title"``.
+the same runs instead (`cwreg.experiments.faithfulness`), under an optional ``"title"``. An entry with
+``"layers": [layer, ...]`` and ``"default_layer"`` is Figure 3's numbers (`cwreg.experiments.layers`) from a
+sweep's records and its layer runs' records.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from cwreg.experiments import report
 # Runs a records file keeps: results. Runs in progress are not results yet.
 KEPT_STATUSES: tuple[str, ...] = ('finished', 'diverged')
 _REQUIRED = ('scenario', 'regularizer', 'weight', 'seed', 'phase', 'status')
-MANIFEST_KEYS = frozenset({'out', 'records', 'tables', 'variants', 'title'})
+MANIFEST_KEYS = frozenset({'out', 'records', 'tables', 'variants', 'title', 'layers', 'default_layer'})
 
 _log = logging.getLogger(__name__)
 
@@ -149,6 +151,8 @@ def read_manifest(path: str) -> list[dict[str, Any]]:
                 f'{path}: each entry needs "out" (a path) and "records" (a list of paths): {entry!r}'
             )
         unknown = set(entry) - MANIFEST_KEYS
+        if 'layers' in entry and not isinstance(entry.get('default_layer'), str):
+            raise ValueError(f'{path}: {entry["out"]} has "layers" but no "default_layer" (a layer name).')
         if unknown:
             raise ValueError(
                 f'{path}: unknown keys {sorted(unknown)} in {entry["out"]}; known: {sorted(MANIFEST_KEYS)}'
@@ -163,6 +167,10 @@ def render_entry(entry: Mapping[str, Any], root: str = '.') -> str:
         from cwreg.experiments import faithfulness  # pylint: disable=g-import-not-at-top  (it imports this module)
 
         return faithfulness.document(entry['variants'], paths, title=entry.get('title'))
+    if 'layers' in entry:
+        from cwreg.experiments import layers  # pylint: disable=g-import-not-at-top  (the training stack)
+
+        return layers.document(load_records(paths).runs, entry['layers'], entry['default_layer'])
     return report.render(load_records(paths), tables=entry.get('tables'))
 
 
