@@ -9,6 +9,7 @@ import ml_collections
 
 from cwreg.names import (
     REGULARIZERS,
+    VALIDATION_SIZE,
     set_regularizer,  # noqa: F401  (re-exported for the family configs)
 )
 
@@ -37,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = 'mnist'  # a tfds name: mnist, fashion_mnist, cifar10, cifar100, cifar10_partial
     config.dataset.data_dir = ''  # tfds data_dir; '' = tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-    config.dataset.validation = False  # True: hold out the last 10k training examples and evaluate on them
+    config.dataset.validation = False  # True: evaluate on the last validation_size training examples
+    config.dataset.validation_size = VALIDATION_SIZE  # the paper's 10k; Table 8's CIFAR subset: 5k
     config.dataset.train_size = 0  # >0: keep the first n training examples (paper's 1k/5k scenarios)
     config.dataset.num_classes = 0  # >0: keep classes 0..k-1 (paper's CIFAR-100 16/64-class scenarios)
     config.dataset.augment = False  # pad-4 random crop + horizontal flip, on device (ResNet)

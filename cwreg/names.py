@@ -36,6 +36,9 @@ DISPLAY_NAMES: dict[str, str] = {
     'l1r': 'L1R',
 }
 
+#: The paper's validation hold-out (suppl. A.1): the last 10,000 training examples choose λ.
+VALIDATION_SIZE: int = 10_000
+
 #: The paper's λ grid (suppl. A.1).
 WEIGHT_GRID: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 #: Dropout's rate takes λ's place: the usual range (Srivastava et al. 2014 use 0.5 for hidden layers).

@@ -19,7 +19,7 @@ r"""λ search over S selection seeds, then F final seeds, for every regularizer 
 --config.FIELD=VALUE overrides any field; configs/default.py gives each one's meaning and default:
   scenario, seed, batch_size, num_epochs, num_train_steps, eval_batch_size, eval_every_epochs,
   steps_per_dispatch, checkpoint, weight_decay,
-  dataset.{name, data_dir, validation, train_size, num_classes, augment, standardize, download},
+  dataset.{name, data_dir, validation, validation_size, train_size, num_classes, augment, standardize, download},
   model.{name, width, depth, kernel_init, bias_init, dropout, batchnorm}, penalty.{name, weight, layer},
   weight_penalty.{name, weight, layer},
   optimizer.{name, learning_rate, momentum, tf1, schedule, boundaries, decay_factor}

@@ -192,6 +192,18 @@ def test_apply_protocol_on_arrays():
     np.testing.assert_array_equal(ex, x[15_000:][y[15_000:] < 4])
 
 
+def test_validation_size_sets_the_hold_out():
+    x = np.arange(100)
+    (tx, _), (ex, _) = data.apply_protocol(x, x % 10, None, None, validation=True, validation_size=30)
+    np.testing.assert_array_equal(tx, x[:70])
+    np.testing.assert_array_equal(ex, x[70:])
+    (tx, _), (ex, _) = data.apply_protocol(x, x % 10, x[:5], x[:5] % 10, validation_size=30)
+    assert len(tx) == 100 and len(ex) == 5  # only validation=True holds out
+    for bad in (0, 100, 2.5, True):
+        with pytest.raises(ValueError, match='validation_size'):
+            data.apply_protocol(x, x % 10, None, None, validation=True, validation_size=bad)
+
+
 # --------------------------------------------------------------------------------------------
 # Errors.
 # --------------------------------------------------------------------------------------------

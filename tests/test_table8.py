@@ -9,8 +9,9 @@ from conftest import CIFAR10_PARTIAL_SOURCE_DIR as CIFAR_DIR  # pylint: disable=
 import pytest
 
 from cwreg import names
-from cwreg.experiments import report, table8
+from cwreg.experiments import report, sweep, table8
 from cwreg.training import data as data_lib
+from cwreg.training import loop
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, 'launch', 'cifar10_table8.py')
@@ -55,15 +56,14 @@ def test_holdout_is_the_last_training_images_and_is_restored(tmp_path):
     assert not again['prepared_now'] and again['size_bytes'] == prepared['size_bytes']
     full = data_lib.load_dataset(table8.DATASET, data_dir=data_dir)
     assert (full.train.num_examples, full.eval.num_examples) == (table8.TOY.num_train, table8.TOY.num_test)
-    before = data_lib.VALIDATION_SIZE
-    with table8.validation_holdout(table8.TOY.holdout):
-        table8.check_holdout(data_dir, table8.TOY)
-        ds = data_lib.load_dataset(table8.DATASET, data_dir=data_dir, validation=True, train_size=100)
-        cut = table8.TOY.num_train - table8.TOY.holdout
-        assert (ds.train.images == full.train.images[:100]).all()
-        assert (ds.eval.images == full.train.images[cut:]).all()
-        assert (ds.eval.labels == full.train.labels[cut:]).all()
-    assert data_lib.VALIDATION_SIZE == before
+    table8.check_holdout(data_dir, table8.TOY)
+    config = table8.base_config('size1k', data_dir, table8.TOY)
+    assert config.dataset.validation_size == table8.TOY.holdout
+    ds = loop.load_data(sweep.run_config(config, 'baseline', 0.0, 0, validation=True))
+    cut = table8.TOY.num_train - table8.TOY.holdout
+    assert (ds.train.images == full.train.images[: config.dataset.train_size]).all()
+    assert (ds.eval.images == full.train.images[cut:]).all()
+    assert (ds.eval.labels == full.train.labels[cut:]).all()
     with pytest.raises(
         ValueError, match='holds the subset'
     ):  # a toy data dir is never taken for the full one

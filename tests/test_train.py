@@ -372,6 +372,7 @@ _OUT_OF_RANGE = [
     ('scenario', '', 'non-empty'),
     ('seed', -1, '[0, 2^31 - 1]'),
     ('dataset.train_size', -5, '>= 0'),
+    ('dataset.validation_size', 0, '>= 1'),
     ('dataset.num_classes', 1, '[2, 10]'),
     ('dataset.num_classes', 11, '[2, 10]'),
     ('model.width', 0, '>= 1'),  # (a Flax shape error after loading)
@@ -1073,3 +1074,14 @@ def test_group_equals_separate_runs(uninterrupted_run, tmp_path):
     # The three runs really are different runs (λ and seed reach their own copy of the program).
     losses = [g['loss'] for g in grouped]
     assert len(set(losses)) == 3, losses
+
+
+def test_a_field_added_later_compares_as_the_value_runs_had_without_it():
+    """Runs recorded before `dataset.validation_size` existed held out 10,000: the same run now."""
+    asked = mnist_mlp.get_config('cw_vr')
+    recorded = asked.to_dict()
+    del recorded['dataset']['validation_size']
+    assert rundir.config_differences(recorded, asked) == []
+    other = ml_collections.ConfigDict(asked.to_dict())
+    other.dataset.validation_size = 5_000
+    assert rundir.config_differences(recorded, other) == ['dataset.validation_size: 10000 -> 5000']

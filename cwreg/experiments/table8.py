@@ -21,9 +21,8 @@ of CIFAR-10's 50,000 training images (40,000-49,999), which are not in the subse
 training images 5,000-9,999 of ``data_batch_1``: 5,000 images, disjoint from both columns' training images
 and from the test set. The training images (the first 1k / 5k) and the test set (all 10,000) are the
 paper's. That is why the whole ``data_batch_1`` is prepared (10k training images + 10k test images,
-46.6 MB as TFDS files), not only its first 5k. :mod:`cwreg.training.data` holds out a fixed
-``VALIDATION_SIZE`` (10,000); :func:`validation_holdout` sets it to 5,000 while this module trains, and
-:func:`check_holdout` verifies the split before any training.
+46.6 MB as TFDS files), not only its first 5k. :mod:`cwreg.training.data` holds out the paper's
+10,000 by default; this module's configs set ``config.dataset.validation_size`` to 5,000, and :func:`check_holdout` verifies the split before any training.
 
 ``TOY`` is the same pipeline at a scale that runs on a CPU in a few minutes (300 training and 100 test
 images, 1 epoch, 2 λ, 2 seeds): its tables say so in their title and are no result.
@@ -46,7 +45,6 @@ from cwreg import names
 from cwreg.experiments import report, sweep
 from cwreg.training import config as config_lib
 from cwreg.training import data as data_lib
-from cwreg.training import loop
 
 DATASET = 'cifar10_partial'
 SCENARIOS: tuple[str, ...] = ('size1k', 'size5k')
@@ -252,29 +250,15 @@ def stage(data_dir: str, work_dir: str) -> str:
     return target
 
 
-@contextlib.contextmanager
-def validation_holdout(size: int):
-    """While active, `validation=True` holds out the last `size` training examples (cwreg.training.data: 10,000)."""
-    clear = getattr(getattr(loop, '_load_data', None), 'cache_clear', lambda: None)
-    previous = data_lib.VALIDATION_SIZE
-    clear()
-    data_lib.VALIDATION_SIZE = size
-    try:
-        yield
-    finally:
-        data_lib.VALIDATION_SIZE = previous
-        clear()
-
-
 def check_holdout(data_dir: str, scale: Scale) -> None:
-    """Raises unless, under :func:`validation_holdout`, the select runs see the intended split."""
-    ds = data_lib.load_dataset(DATASET, data_dir=data_dir, validation=True)
+    """Raises unless the select runs (``config.dataset.validation_size = scale.holdout``) see the intended
+    split: the first images train, the last `scale.holdout` of the prepared training images validate."""
+    ds = data_lib.load_dataset(DATASET, data_dir=data_dir, validation=True, validation_size=scale.holdout)
     want = (scale.num_train - scale.holdout, scale.holdout)
     got = (ds.train.num_examples, ds.eval.num_examples)
     if got != want:
         raise RuntimeError(
-            f'Validation split of {data_dir}: {got[0]} train / {got[1]} validation examples, '
-            f'expected {want}; cwreg.training.data no longer reads VALIDATION_SIZE as this module assumes.'
+            f'Validation split of {data_dir}: {got[0]} train / {got[1]} validation examples, expected {want}.'
         )
 
 
@@ -291,6 +275,7 @@ def base_config(scenario: str, data_dir: str, scale: Scale = FULL) -> ml_collect
     config.dataset.data_dir = os.path.abspath(data_dir)
     config.dataset.download = False
     config.dataset.train_size = scale.train_size(scenario)
+    config.dataset.validation_size = scale.holdout
     for field, value in scale.overrides:
         *parents, leaf = field.split('.')
         node = config
@@ -334,19 +319,18 @@ def run_columns(
     _check_work_dir(work_dir, scale)
     staged = stage(data_dir, work_dir)
     chosen = {}
-    with validation_holdout(scale.holdout):
-        check_holdout(staged, scale)
-        for scenario in scenarios:
-            print(f'[table8] column {scenario}: {scale.name} scale', flush=True)
-            chosen[scenario] = sweep.run_sweep(
-                base_config(scenario, staged, scale),
-                sweep_dir(work_dir, scenario),
-                regularizers=regularizers,
-                grid=scale.weights,
-                protocol=scale.protocol,
-                max_group=max_group,
-                statistics=scale.statistics,
-            )
+    check_holdout(staged, scale)
+    for scenario in scenarios:
+        print(f'[table8] column {scenario}: {scale.name} scale', flush=True)
+        chosen[scenario] = sweep.run_sweep(
+            base_config(scenario, staged, scale),
+            sweep_dir(work_dir, scenario),
+            regularizers=regularizers,
+            grid=scale.weights,
+            protocol=scale.protocol,
+            max_group=max_group,
+            statistics=scale.statistics,
+        )
     return chosen
 
 

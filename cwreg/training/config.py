@@ -120,6 +120,10 @@ FIELD_RANGES = {
     'seed': (lambda v: _is_int(v) and 0 <= v < 2**31, 'an integer in [0, 2^31 - 1]'),
     'dataset.data_dir': (lambda v: isinstance(v, str), "a directory ('' for tfds's default)"),
     'dataset.validation': (_is_bool, 'True or False'),
+    'dataset.validation_size': (
+        lambda v: _is_int(v) and v >= 1,
+        'an integer >= 1 (training examples held out)',
+    ),
     'dataset.train_size': (lambda v: _is_int(v) and v >= 0, 'an integer >= 0 (0: every training example)'),
     'dataset.augment': (_is_bool, 'True or False'),
     'dataset.download': (_is_bool, 'True or False'),

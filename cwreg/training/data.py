@@ -47,6 +47,7 @@ import numpy as np
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 import tensorflow_datasets as tfds
 
+from cwreg import names
 from cwreg.training import cifar10_partial as _cifar10_partial  # noqa: F401  (registers the builder)
 
 DATASETS: tuple[str, ...] = ('mnist', 'fashion_mnist', 'cifar10', 'cifar100', 'cifar10_partial')
@@ -60,8 +61,7 @@ NUM_CLASSES: dict[str, int] = {
     'cifar10_partial': 10,
 }
 
-# Paper suppl. A.1: the last 10,000 training examples form the validation split.
-VALIDATION_SIZE = 10_000
+VALIDATION_SIZE = names.VALIDATION_SIZE  # the default hold-out of validation=True
 
 # Examples per tf.data batch when reading a split into memory. Not `batch_size=-1`: that aborts
 # the process under `tfds.testing.mock_data` (TFDS 4.9.10).
@@ -120,8 +120,8 @@ class Dataset:
 
     Attributes:
       train: the training split.
-      eval: the test split, or the validation split (last 10,000 training examples) when loaded
-        with `validation=True`.
+      eval: the test split, or the validation split (the last `validation_size` training examples)
+        when loaded with `validation=True`.
       num_classes: number of classes (after `num_classes` restriction).
       name: the TFDS name.
     """
@@ -168,12 +168,13 @@ def apply_protocol(
     test_labels: np.ndarray | None,
     *,
     validation: bool = False,
+    validation_size: int = VALIDATION_SIZE,
     train_size: int | None = None,
     num_classes: int | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """The paper's split protocol (suppl. A.1), on arrays in original example order.
 
-    1. `validation=True`: eval = the last `VALIDATION_SIZE` training examples, train = the rest.
+    1. `validation=True`: eval = the last `validation_size` training examples, train = the rest.
        `validation=False`: eval = the test split, train = the whole training split.
     2. `num_classes=k`: both splits keep only labels < k (re-indexed in order, a no-op for
        0..k-1).
@@ -183,6 +184,7 @@ def apply_protocol(
       train_images, train_labels: the full training split, (N, ...) and (N,).
       test_images, test_labels: the test split; unused (may be None) when `validation=True`.
       validation: evaluate on the validation hold-out instead of the test split.
+      validation_size: how many of the last training examples the hold-out takes (the paper: 10,000).
       train_size: number of training examples to keep, or None for all.
       num_classes: number of leading classes to keep, or None for all.
 
@@ -191,12 +193,15 @@ def apply_protocol(
     """
     n_full = len(train_labels)
     if validation:
-        if n_full <= VALIDATION_SIZE:
+        if isinstance(validation_size, bool) or not isinstance(validation_size, (int, np.integer)):
+            raise ValueError(f'validation_size must be an int >= 1, got {validation_size!r}.')
+        if not 1 <= validation_size < n_full:
             raise ValueError(
-                f'validation=True holds out the last {VALIDATION_SIZE} training examples, but the '
-                f'training split has only {n_full}; use validation=False (evaluate on the test split).'
+                f'validation=True holds out the last {validation_size} training examples, but the '
+                f'training split has {n_full}: validation_size must be in [1, {n_full - 1}] (or use '
+                'validation=False to evaluate on the test split).'
             )
-        cut = n_full - VALIDATION_SIZE
+        cut = n_full - validation_size
         train = (train_images[:cut], train_labels[:cut])
         evaluation = (train_images[cut:], train_labels[cut:])
     else:
@@ -406,6 +411,7 @@ def load_dataset(
     *,
     data_dir: str | None = None,
     validation: bool = False,
+    validation_size: int = VALIDATION_SIZE,
     train_size: int | None = None,
     num_classes: int | None = None,
     download: bool = False,
@@ -415,8 +421,9 @@ def load_dataset(
     Args:
       name: one of `DATASETS`.
       data_dir: TFDS data dir; None for TFDS's default (`$TFDS_DATA_DIR`, `~/tensorflow_datasets`).
-      validation: if True, `eval` is the last 10,000 training examples and `train` the rest (for
-        hyper-parameter selection); else `eval` is the test split and `train` all training data.
+      validation: if True, `eval` is the last `validation_size` training examples and `train` the rest
+        (for hyper-parameter selection); else `eval` is the test split and `train` all training data.
+      validation_size: the hold-out of `validation=True` (the paper's 10,000; ignored otherwise).
       train_size: keep the first `train_size` training examples (after the class restriction).
       num_classes: keep only the classes 0..num_classes-1, in both splits.
       download: if the dataset is not prepared and the download host resolves, let TFDS download and
@@ -465,6 +472,7 @@ def load_dataset(
         test_images,
         test_labels,
         validation=validation,
+        validation_size=validation_size,
         train_size=train_size,
         num_classes=num_classes,
     )

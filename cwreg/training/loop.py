@@ -45,6 +45,7 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
         d.name,
         d.data_dir or None,
         bool(d.validation),
+        int(d.get('validation_size', rundir.ADDED_FIELDS['dataset.validation_size'])),
         d.train_size or None,
         d.num_classes or None,
         bool(d.get('download', False)),
@@ -53,11 +54,14 @@ def load_data(config: ml_collections.ConfigDict) -> data_lib.Dataset:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_data(name, data_dir, validation, train_size, num_classes, download) -> data_lib.Dataset:
+def _load_data(
+    name, data_dir, validation, validation_size, train_size, num_classes, download
+) -> data_lib.Dataset:
     return data_lib.load_dataset(
         name,
         data_dir=data_dir,
         validation=validation,
+        validation_size=validation_size,
         train_size=train_size,
         num_classes=num_classes,
         download=download,

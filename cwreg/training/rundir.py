@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cwreg import names
 from cwreg.training.config import ConfigMismatchError
 
 #: Fields that change how a run is executed or reported, not what it trains: a workdir resumes with them
@@ -33,6 +34,9 @@ EXECUTION_FIELDS = (
     'steps_per_dispatch',
     'eval_batch_size',
 )
+#: Fields added after runs were recorded without them, with the value those runs had: an absent field of a
+#: recorded config compares as this value, so adding a field does not retrain what it would not change.
+ADDED_FIELDS = {'dataset.validation_size': names.VALIDATION_SIZE}
 #: How long a run trains. A workdir's run may be continued into a longer one: its first epochs are the same.
 LENGTH_FIELDS = ('num_epochs', 'num_train_steps')
 CONFIG_FILE = 'config.json'
@@ -53,7 +57,7 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 def training_config(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
     """The fields of a config (or its to_dict()) that decide what a run trains: flat, as JSON stores them."""
     tree = config if isinstance(config, dict) else config.to_dict()
-    flat = json.loads(json.dumps(_flatten(tree), default=str))  # tuples and lists compare equal
+    flat = {**ADDED_FIELDS, **json.loads(json.dumps(_flatten(tree), default=str))}  # tuples == lists
     return {k: v for k, v in flat.items() if k not in EXECUTION_FIELDS}
 
 
