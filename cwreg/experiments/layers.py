@@ -14,6 +14,7 @@ Layer runs live in ``<layer_dir>/<regularizer>/<layer>/final_s<seed>/`` and reco
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 from typing import Iterable, Mapping, Sequence
 
@@ -83,7 +84,7 @@ def layer_errors(
 ) -> dict[str, dict[str, Errors]]:
     """``{regularizer: {layer: {seed: metric}}}`` of the final runs of `scenario` and its layer runs.
 
-    Runs of `scenario` itself count as `default_layer`; ``'baseline'`` maps to ``{'': …}`` (it has no layer).
+    Runs of `scenario` itself count as `default_layer`, and so does the baseline (it has no layer).
     """
     out: dict[str, dict[str, Errors]] = collections.defaultdict(lambda: collections.defaultdict(dict))
     for run in runs:
@@ -98,17 +99,6 @@ def layer_errors(
     return {reg: dict(per) for reg, per in out.items()}
 
 
-def _summary_cell(errors: Errors) -> str:
-    values = list(errors.values())
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return f'{report.format_mean_std(float(np.mean(values)), std, "error")} (n={len(values)})'
-
-
-def _paired_cell(a: Errors, b: Errors) -> str:
-    paired = report.paired_difference(a, b)
-    return report.format_gain(paired, None, 'error') if paired else report.MISSING
-
-
 def layer_scenario(runs: Iterable[report.Run]) -> str:
     """The one scenario whose layer runs (``<scenario>@<layer>``) are among `runs`.
 
@@ -121,56 +111,104 @@ def layer_scenario(runs: Iterable[report.Run]) -> str:
     return found.pop()
 
 
-def _layer_regularizers(errors: Mapping[str, Mapping[str, Errors]], default_layer: str) -> list[str]:
-    # Only those trained on another layer: the sweep's other regularizers are not part of the figure.
-    regs = {reg for reg, per in errors.items() if reg != 'baseline' and set(per) - {default_layer}}
-    return [r for r in report._ordered(regs)]  # pylint: disable=protected-access
+@dataclasses.dataclass(frozen=True)
+class _Figure:
+    """What `document` and `figure` show: the same rows, baseline, runs and length."""
+
+    scenario: str
+    errors: dict[str, dict[str, Errors]]
+    regularizers: list[str]  # rows: trained on a listed layer other than the default one
+    baseline: Errors
+    used: list[report.Run]  # the runs behind the rows and the baseline (λ selection included)
+    length: str  # epochs run, labelled when shorter than the protocol's
+
+
+def _figure_data(runs: Iterable[report.Run], layers: Sequence[str], default_layer: str) -> _Figure:
+    runs = list(runs)
+    scenario = layer_scenario(runs)
+    errors = layer_errors(runs, scenario, default_layer)
+    others = set(layers) - {default_layer}
+    regs = report._ordered(  # pylint: disable=protected-access
+        reg for reg, per in errors.items() if reg != 'baseline' and set(per) & others
+    )
+    scenarios = {scenario} | {f'{scenario}{LAYER_SEPARATOR}{layer}' for layer in layers}
+    used = [r for r in runs if r.scenario in scenarios and r.regularizer in set(regs) | {'baseline'}]
+    return _Figure(
+        scenario=scenario,
+        errors=errors,
+        regularizers=regs,
+        baseline=errors.get('baseline', {}).get(default_layer, {}),
+        used=used,
+        length=report.epochs_phrase(scenario, [r.epochs for r in used]),
+    )
+
+
+def _summary_cell(errors: Errors) -> str:
+    values = list(errors.values())
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return f'{report.format_mean_std(float(np.mean(values)), std, "error")} (n={len(values)})'
+
+
+def _paired_cell(a: Errors, b: Errors) -> str:
+    paired = report.paired_difference(a, b)
+    return report.format_gain(paired, None, 'error') if paired else report.MISSING
+
+
+def _weights(data: _Figure) -> str:
+    weights = {}
+    for run in data.used:
+        if run.phase == 'final' and LAYER_SEPARATOR in run.scenario:
+            weights.setdefault(run.regularizer, set()).add(run.weight)
+    return ', '.join(
+        f'{DISPLAY_NAMES[reg]} {"/".join(report.format_weight(w) for w in sorted(weights.get(reg, ())))}'
+        for reg in data.regularizers
+    )
 
 
 def document(
     runs: Iterable[report.Run], layers: Sequence[str], default_layer: str, title: str = 'Figure 3'
 ) -> str:
     """Figure 3's numbers as markdown: per-layer means, and paired differences to the baseline and to the
-    default layer (mean [95 % CI] (n, p); negative = lower error).
+    default layer (mean [95 % CI] (n, p); negative = lower error). For classification scenarios (error %).
 
     Args:
       runs: the scenario's sweep (final runs of `default_layer`, the baseline, λ selection) and its layer
         runs, e.g. ``cwreg.experiments.records.load_records(paths).runs``.
       layers: the x-axis, in order; `default_layer` among them.
       default_layer: the layer of the scenario's own runs.
-      title: the heading; the epochs run are appended.
+      title: the heading; the scenario and the epochs run are appended.
     """
-    runs = list(runs)
-    scenario = layer_scenario(runs)
-    errors = layer_errors(runs, scenario, default_layer)
-    baseline = errors.get('baseline', {}).get(default_layer, {})
-    regs = _layer_regularizers(errors, default_layer)
-    scenarios = [scenario] + [f'{scenario}{LAYER_SEPARATOR}{layer}' for layer in layers]
-    used = [r for r in runs if r.scenario in scenarios and r.regularizer in set(regs) | {'baseline'}]
-    length = report.epochs_phrase(scenario, [r.epochs for r in used])
+    data = _figure_data(runs, layers, default_layer)
+    scenarios = [data.scenario] + [f'{data.scenario}{LAYER_SEPARATOR}{layer}' for layer in layers]
     header = ['Regularizer'] + [f'{layer} (default)' if layer == default_layer else layer for layer in layers]
-    lines = [f'# {title}: {scenario}, {length}', '', report.protocol_line(scenarios, used), '']
+    lines = [f'# {title}: {data.scenario}, {data.length}', '', report.protocol_line(scenarios, data.used), '']
     lines += [
-        f'λ: what the sweep chose for each regularizer on {default_layer} (the paper does not say how it '
-        f"chose λ per layer). {default_layer} is the sweep's own final runs; the other layers were "
-        'trained on the same seeds.',
+        f"λ on every layer: the sweep's choice on {default_layer} ({_weights(data)}); the paper does not "
+        f"say how it chose λ per layer. {default_layer} is the sweep's own final runs; the other layers "
+        'were trained on the same seeds.',
         '',
     ]
-    if baseline:
-        lines += [f'Baseline (no regularizer): {_summary_cell(baseline)}.', '']
+    if data.baseline:
+        lines += [f'Baseline (no regularizer): {_summary_cell(data.baseline)}.', '']
+
+    def to_default(per: Mapping[str, Errors], layer: str) -> str:
+        return (
+            '(reference)' if layer == default_layer else _paired_cell(per[layer], per.get(default_layer, {}))
+        )
+
     sections = (
         ('Test error (%), mean ± std over the final seeds', lambda per, layer: _summary_cell(per[layer])),
-        ('Minus the baseline, paired by seed', lambda per, layer: _paired_cell(per[layer], baseline)),
-        (
-            f'Minus the same regularizer on {default_layer}, paired by seed',
-            lambda per, layer: _paired_cell(per[layer], per.get(default_layer, {})),
-        ),
+        ('Minus the baseline, paired by seed', lambda per, layer: _paired_cell(per[layer], data.baseline)),
+        (f'Minus the same regularizer on {default_layer}, paired by seed', to_default),
     )
     for heading, cell in sections:
         rows = [
             [DISPLAY_NAMES[reg]]
-            + [cell(errors[reg], layer) if layer in errors[reg] else report.MISSING for layer in layers]
-            for reg in regs
+            + [
+                cell(data.errors[reg], layer) if layer in data.errors[reg] else report.MISSING
+                for layer in layers
+            ]
+            for reg in data.regularizers
         ]
         lines += [f'## {heading}', '', *report._md_table(header, rows), '']  # pylint: disable=protected-access
     return '\n'.join(lines).rstrip() + '\n'
@@ -180,23 +218,20 @@ def figure(
     runs: Iterable[report.Run], layers: Sequence[str], default_layer: str, path: str, title: str = 'Figure 3'
 ) -> Mapping[str, object]:
     """Figure 3 as a PNG (mean ± std of the test error per layer, the baseline as a band); returns its
-    numbers. The title gets the scenario and the epochs run, as `document`'s heading."""
-    runs = list(runs)
-    scenario = layer_scenario(runs)
-    errors = layer_errors(runs, scenario, default_layer)
-    baseline = errors.get('baseline', {}).get(default_layer, {})
-    regs = _layer_regularizers(errors, default_layer)
-    epochs = [r.epochs for r in runs if r.scenario.partition(LAYER_SEPARATOR)[0] == scenario]
-    title = f'{title}: {scenario}, {report.epochs_phrase(scenario, epochs)}'
+    numbers. Its rows and title (scenario, epochs run) are `document`'s."""
+    data = _figure_data(runs, layers, default_layer)
 
     def stat(values: Errors) -> tuple[float, float]:
         v = list(values.values())
         return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
 
     results: dict[str, object] = {
-        reg: {layer: stat(errors[reg][layer]) for layer in layers if layer in errors[reg]} for reg in regs
+        reg: {layer: stat(data.errors[reg][layer]) for layer in layers if layer in data.errors[reg]}
+        for reg in data.regularizers
     }
-    if baseline:
-        results['baseline'] = stat(baseline)
-    plots.plot_layer_dependency(results, path, title=title, layer_order=list(layers))
+    if data.baseline:
+        results['baseline'] = stat(data.baseline)
+    plots.plot_layer_dependency(
+        results, path, title=f'{title}: {data.scenario}, {data.length}', layer_order=list(layers)
+    )
     return results
