@@ -198,7 +198,7 @@ def apply_protocol(
         if not 1 <= validation_size < n_full:
             raise ValueError(
                 f'validation=True holds out the last {validation_size} training examples, but the '
-                f'training split has {n_full}: validation_size must be in [1, {n_full - 1}] (or use '
+                f'training split has only {n_full}: validation_size must be in [1, {n_full - 1}] (or use '
                 'validation=False to evaluate on the test split).'
             )
         cut = n_full - validation_size
