@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -151,3 +154,27 @@ def test_figure_returns_mean_and_std(tmp_path):
     assert results['baseline'] == pytest.approx(
         (np.mean(list(BASE.values())), np.std(list(BASE.values()), ddof=1))
     )
+
+
+def test_launch_figures_draws_the_committed_figure3_from_records(tmp_path):
+    """The README's command rebuilds figure3.md from the committed records alone, byte for byte."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = os.path.join(repo, 'docs', 'results')
+    paths = [os.path.join(results, 'records', f'mnist_mlp_{n}.jsonl') for n in ('default', 'layers')]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(repo, 'launch', 'figures.py'),
+            '--layers=layer1,layer2,layer3,layer4,layer5,layer6',
+            f'--records={",".join(paths)}',
+            f'--out={tmp_path}',
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(tmp_path / 'figure3.md') as a, open(os.path.join(results, 'figure3.md')) as b:
+        assert a.read() == b.read()
+    assert (tmp_path / 'figure3.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
