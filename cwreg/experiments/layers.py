@@ -143,10 +143,14 @@ def _figure_data(runs: Iterable[report.Run], layers: Sequence[str], default_laye
     )
 
 
-def _summary_cell(errors: Errors) -> str:
+def _mean_std(errors: Errors) -> tuple[float, float | None]:
+    """Mean and sample std (ddof=1; None for one seed) over the seeds."""
     values = list(errors.values())
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return f'{report.format_mean_std(float(np.mean(values)), std, "error")} (n={len(values)})'
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def _summary_cell(errors: Errors) -> str:
+    return f'{report.format_mean_std(*_mean_std(errors), "error")} (n={len(errors)})'
 
 
 def _paired_cell(a: Errors, b: Errors) -> str:
@@ -222,8 +226,8 @@ def figure(
     data = _figure_data(runs, layers, default_layer)
 
     def stat(values: Errors) -> tuple[float, float]:
-        v = list(values.values())
-        return float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+        mean, std = _mean_std(values)
+        return mean, std or 0.0  # one seed: no error bar
 
     results: dict[str, object] = {
         reg: {layer: stat(data.errors[reg][layer]) for layer in layers if layer in data.errors[reg]}

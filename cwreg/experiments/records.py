@@ -151,12 +151,12 @@ def read_manifest(path: str) -> list[dict[str, Any]]:
                 f'{path}: each entry needs "out" (a path) and "records" (a list of paths): {entry!r}'
             )
         unknown = set(entry) - MANIFEST_KEYS
-        if 'layers' in entry and not isinstance(entry.get('default_layer'), str):
-            raise ValueError(f'{path}: {entry["out"]} has "layers" but no "default_layer" (a layer name).')
         if unknown:
             raise ValueError(
                 f'{path}: unknown keys {sorted(unknown)} in {entry["out"]}; known: {sorted(MANIFEST_KEYS)}'
             )
+        if 'layers' in entry and not isinstance(entry.get('default_layer'), str):
+            raise ValueError(f'{path}: {entry["out"]} has "layers" but no "default_layer" (a layer name).')
     return entries
 
 

@@ -359,9 +359,8 @@ def restore_from_records(
         os.makedirs(workdir, exist_ok=True)
         if record['phase'] == 'final' and record.get('stats'):
             split = 'validation' if config.dataset.validation else 'test'
-            layer = config.penalty.layer
-            with open(os.path.join(workdir, 'stats.json'), 'w') as f:
-                json.dump({**record['stats'], 'layer': layer, 'split': split}, f, indent=2)
+            stats = {**record['stats'], 'layer': config.penalty.layer, 'split': split}
+            rundir.write_json(os.path.join(workdir, 'stats.json'), stats)
         result = {
             **identity,
             **{k: record[k] for k in ('eval_split', 'error', 'loss', 'penalty_value', 'steps', 'status')},
@@ -370,8 +369,7 @@ def restore_from_records(
             'config': config.to_dict(),
             'provenance': {'git_commit': record['commit'], 'restored_from': os.path.basename(records_path)},
         }
-        with open(os.path.join(workdir, 'results.json'), 'w') as f:
-            json.dump(result, f, indent=2)
+        rundir.write_json(os.path.join(workdir, 'results.json'), result)  # whole or not at all
         restored += 1
     return restored
 

@@ -21,8 +21,9 @@ of CIFAR-10's 50,000 training images (40,000-49,999), which are not in the subse
 training images 5,000-9,999 of ``data_batch_1``: 5,000 images, disjoint from both columns' training images
 and from the test set. The training images (the first 1k / 5k) and the test set (all 10,000) are the
 paper's. That is why the whole ``data_batch_1`` is prepared (10k training images + 10k test images,
-46.6 MB as TFDS files), not only its first 5k. :mod:`cwreg.training.data` holds out the paper's
-10,000 by default; this module's configs set ``config.dataset.validation_size`` to 5,000, and :func:`check_holdout` verifies the split before any training.
+46.6 MB as TFDS files), not only its first 5k. :mod:`cwreg.training.data` holds out the paper's 10,000 by
+default; this module's configs set ``config.dataset.validation_size`` to 5,000, and :func:`check_holdout`
+verifies the split before any training.
 
 ``TOY`` is the same pipeline at a scale that runs on a CPU in a few minutes (300 training and 100 test
 images, 1 epoch, 2 λ, 2 seeds): its tables say so in their title and are no result.

@@ -85,7 +85,7 @@ def _read_json(path: str) -> Optional[Any]:
         return None
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any) -> None:
     """Writes whole or not at all: a reader (or a kill) never sees half a file."""
     partial = f'{path}.{os.getpid()}.tmp'
     with open(partial, 'w') as f:
@@ -127,7 +127,7 @@ def check_workdir_config(group_dir: str, configs: Sequence[ml_collections.Config
 
 def _record_configs(group_dir: str, configs: Sequence[ml_collections.ConfigDict]) -> None:
     if jax.process_index() == 0:
-        _write_json(os.path.join(group_dir, CONFIG_FILE), {'runs': [c.to_dict() for c in configs]})
+        write_json(os.path.join(group_dir, CONFIG_FILE), {'runs': [c.to_dict() for c in configs]})
 
 
 class _OrbaxInfoFilter(std_logging.Filter):
@@ -241,4 +241,4 @@ def _write_results(workdir: str, result: dict[str, Any], final_state, run: Optio
             f.write(
                 flax.serialization.msgpack_serialize({k: v for k, v in variables.items() if v is not None})
             )
-    _write_json(os.path.join(workdir, 'results.json'), result)
+    write_json(os.path.join(workdir, 'results.json'), result)
