@@ -52,9 +52,14 @@ or from the N×N Gram matrix of class-centred activations restricted to same-cla
   Σ_k ‖C_k‖²_F and its gradient (ε = 2^-24 in float32: 2.4e-7 × √I, 1.5e-5 at I = 4096; tested on badly
   scaled and 1e9-scale inputs), and its gradient is Table 1's at every point, also where the rounded
   value is clamped at 0. Float64 inputs make the bound 4.4e-16 × √I.
+* Where the covariance form costs at most 32× the Gram form (``use_exact_fallback``: K·I ≤ 32 N, e.g.
+  MNIST's cw-CR layer), a Gram result within 2·10⁴ bounds of cancelling is recomputed by the covariance
+  form, one class at a time, so the covariance form's bounds hold there too (tested). That rare branch
+  costs nothing when not taken, and under vmap the whole batch takes it if any member needs it. Only wider
+  layers keep the Gram form's bound.
 * Values and gradients are finite wherever the float64 value is finite in float32: second moments are
   rescaled by powers of 2, which is exact, so results are those of the unscaled formulas in the normal
-  range. (The one gap: VR's per-sample ‖z_n − μ^k‖² must stay below 3.4e38.) jit and eager agree.
+  range. jit and eager agree.
 
 Products run at ``lax.Precision.HIGHEST`` (exact float32, no TF32 on GPUs); pass ``precision`` to trade
 exactness for speed, as Flax layers allow.
@@ -139,6 +144,23 @@ def _pow2_scale(largest: Array) -> Array:
     return jnp.ldexp(jnp.ones((), largest.dtype), jnp.clip(exponent, -126, 127))
 
 
+@jax.custom_batching.custom_vmap
+def _any_in_batch(flag: Array) -> Array:
+    """``flag``; under vmap, whether it holds for any member of the batch, unbatched.
+
+    A conditional on a batched predicate runs both branches under vmap. The conditionals here choose between
+    two computations of the same numbers (one costlier, for rare inputs), so the whole batch may take the
+    costly one when any member needs it, and the usual case stays a single branch.
+    """
+    return flag
+
+
+@_any_in_batch.def_vmap
+def _any_in_batch_vmap(axis_size, in_batched, flag):
+    del axis_size
+    return (_any_in_batch(jnp.any(flag)) if in_batched[0] else flag), False
+
+
 def _fixed_pow2(n: int) -> float:
     """2^⌈log2 n⌉: dividing sums of n terms by it keeps them in range, exactly."""
     return float(2.0 ** math.ceil(math.log2(max(n, 1))))
@@ -158,6 +180,9 @@ class _HardClasses:
 
     def valid(self) -> Array:
         return self.ids < self.num_classes
+
+    def class_weights(self) -> Array:
+        return self._one_hot()
 
     def sums(self, values: Array) -> Array:
         """Σ_{n∈S_k} values_n: (N, ...) -> (K, ...)."""
@@ -295,12 +320,42 @@ class _OneClass:
 # Statistics: the global-batch value and, if asked, Table 1's gradient for this device's z.
 
 
-def _class_centred(members, z: Array, axis_name: AxisName) -> tuple[Array, Array]:
-    """(z_n − μ^{k(n)}, 0 outside every class) and 1/W_k (0-safe: an empty class has no members)."""
+def _class_means(members, z: Array, axis_name: AxisName) -> tuple[Array, Array]:
+    """μ^k (K, I) and 1/W_k (0-safe: an empty class has no members, and its mean is 0)."""
     counts = members.counts(axis_name)
     inv_counts = 1.0 / jnp.where(counts > 0, counts, 1.0)
-    means = psum(members.sums(z), axis_name) * inv_counts[:, None]
+    return psum(members.sums(z), axis_name) * inv_counts[:, None], inv_counts
+
+
+def _class_centred(members, z: Array, axis_name: AxisName) -> tuple[Array, Array]:
+    """(z_n − μ^{k(n)}, 0 outside every class) and 1/W_k."""
+    means, inv_counts = _class_means(members, z, axis_name)
     return members.centre(z, means), inv_counts
+
+
+def _squared_norms(
+    centre: Callable[[], Array], precision: PrecisionLike, axis_name: AxisName
+) -> tuple[Array, Array, Array]:
+    """(x, ‖x_n‖² / u², u) for x = centre(), with u a power of 2: 1 unless some ‖x_n‖² overflows anywhere.
+
+    A product (XLA:CPU's fused square-and-sum of wide rows is slower). Rows of entries near 1e19 overflow
+    where the statistic, a mean, need not; their norms are computed again from x / max|x|, which is exact to
+    rounding. That rare second pass recomputes x from the inputs inside a conditional with (N,) outputs, so
+    that the usual case keeps x fused into its consumers.
+    """
+    x = centre()
+    squares = jnp.einsum('ni,ni->n', x, x, precision=precision)
+    overflowed = _any_in_batch(pmax(jnp.any(squares == jnp.inf).astype(jnp.int32), axis_name) > 0)
+
+    def rescaled(squares):
+        del squares
+        x = centre()
+        unit = _pow2_scale(pmax(jnp.max(jnp.abs(x)), axis_name))
+        x = x * (1.0 / unit)
+        return jnp.einsum('ni,ni->n', x, x, precision=precision), unit
+
+    kept = lambda squares: (squares, jnp.ones((), squares.dtype))
+    return (x,) + lax.cond(overflowed, rescaled, kept, squares)
 
 
 def _variance_sum(
@@ -310,13 +365,12 @@ def _variance_sum(
 
     The gradient has no μ terms: the means' share of it is −2/W_k Σ_n w_nk (z_n − μ^k) = 0.
     """
-    centred, inv_counts = _class_centred(members, z, axis_name)
-    # Per-sample ‖z_n − μ^k‖² as a product (XLA:CPU's fused square-and-sum of wide rows is slower), divided
-    # by 2^⌈log2 N⌉, exactly, so that the class sums stay in range.
+    means, inv_counts = _class_means(members, z, axis_name)
+    centred, squares, unit = _squared_norms(lambda: members.centre(z, means), members.precision, axis_name)
+    # Divided by 2^⌈log2 N⌉, exactly, so that the class sums stay in range.
     shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name))
-    squares = jnp.einsum('ni,ni->n', centred, centred, precision=members.precision) * (1.0 / shrink)
-    per_class = psum(members.sums(squares), axis_name)
-    value = (jnp.sum(per_class * inv_counts) / divisor) * shrink
+    per_class = psum(members.sums(squares * (1.0 / shrink)), axis_name)
+    value = ((jnp.sum(per_class * inv_counts) / divisor) * shrink * unit) * unit
     if not with_gradient:
         return value, None
     return value, members.scale_rows(2.0 * inv_counts, centred)
@@ -361,13 +415,56 @@ def _off_diagonal_by_covariance(
     return value, members.apply(4.0 * inv_counts, off_diagonal, centred)
 
 
-def _off_diagonal_by_gram(
+def use_exact_fallback(num_samples: int, num_units: int, num_classes: int) -> bool:
+    """Whether a Gram-form result that may have cancelled is recomputed by the covariance form.
+
+    Wherever the covariance form costs at most ``EXACT_FALLBACK_MAX_COST`` times the Gram form
+    (K·N·I² ≤ that × N²·I, i.e. K·I ≤ that × N: MNIST's and CIFAR-100's class-wise shapes among them).
+    """
+    return num_classes * num_units <= EXACT_FALLBACK_MAX_COST * num_samples
+
+
+#: See use_exact_fallback. Wider layers keep the Gram form and its stated bound.
+EXACT_FALLBACK_MAX_COST = 32
+# The Gram difference is trusted above this many error bounds of the total: its relative error is then at
+# most 1/_GRAM_TRUST = 5e-5, within the 1e-4 the covariance form meets.
+_GRAM_TRUST = 2e4
+
+
+def _sum_over_classes(one_class: Callable[[Array], Any], weights: Array) -> Any:
+    """Σ_k one_class(weights[:, k]), one class at a time: vmap or lax.map would hold K results of (N, I)."""
+
+    def add_class(total, w):
+        return jax.tree.map(jnp.add, total, one_class(w)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(one_class, weights[:, 0]))
+    return lax.scan(add_class, zeros, weights.T)[0]
+
+
+def _off_diagonal_class_by_class(
     members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool
+) -> tuple[Array, Optional[Array]]:
+    """The covariance form with one class's I×I temporaries at a time (the K-fold ones of the one-hot
+    product slowed the Gram form beside it, as an untaken branch, by up to 1.6×)."""
+    if members.num_classes == 1:
+        return _off_diagonal_by_covariance(members, z, axis_name, divisor, with_gradient)
+    z = jnp.where(members.valid()[:, None], z, 0)  # rows of no class may hold NaN
+    one_class = lambda w: _off_diagonal_by_covariance(
+        _OneClass(w, z.shape[0], z.dtype, members.precision), z, axis_name, divisor, with_gradient
+    )
+    return _sum_over_classes(one_class, members.class_weights())
+
+
+def _off_diagonal_by_gram(
+    members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool, exact_fallback: bool = False
 ) -> tuple[Array, Optional[Array]]:
     """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from same-class entries of the Gram matrix, and its gradient.
 
     ‖C_k‖²_F = (1/W_k²) Σ_{n,m} w_nk w_mk ⟨x_n, x_m⟩² with x the class-centred activations; the diagonal
-    Σ_k Σ_i (c^k_ii)² comes from per-class sums of squares (K×I, never K×I×I).
+    Σ_k Σ_i (c^k_ii)² comes from per-class sums of squares (K×I, never K×I×I). Its error is at most
+    ``gram_form_error_bound(I)`` B times the total Σ_k ‖C_k‖²_F. With ``exact_fallback``, a difference
+    below 2·10⁴ B of the total, where that error could exceed 5e-5 of the result, is recomputed by the
+    covariance form (a rare, costlier branch).
     """
     centred, inv_counts = _class_centred(members, z, axis_name)
     if axis_size(axis_name) == 1:
@@ -385,12 +482,17 @@ def _off_diagonal_by_gram(
     difference = frobenius - jnp.sum(shrunk_variances * shrunk_variances)
     # A sum of squares: a rounded difference below 0 is clamped; the gradient stays Table 1's.
     value = (jnp.maximum(difference, 0.0) / divisor) * scale * scale
-    if not with_gradient:
-        return value, None
-    # ∂/∂x_n = 4 Σ_m a_nm ⟨x_n, x_m⟩ x_m − 4 (w_nk c^k_ii / W_k)_i ∘ x_n.
-    pairs = jnp.matmul(weighted, others, precision=members.precision) * scale
-    diagonal = members.scale_rows(inv_counts[:, None] * variances, centred)
-    return value, 4.0 * (pairs - diagonal)
+    grad = None
+    if with_gradient:
+        # ∂/∂x_n = 4 Σ_m a_nm ⟨x_n, x_m⟩ x_m − 4 (w_nk c^k_ii / W_k)_i ∘ x_n.
+        pairs = jnp.matmul(weighted, others, precision=members.precision) * scale
+        grad = 4.0 * (pairs - members.scale_rows(inv_counts[:, None] * variances, centred))
+    if not exact_fallback:
+        return value, grad
+    trust = _GRAM_TRUST * gram_form_error_bound(z.shape[1], z.dtype)
+    cancelled = _any_in_batch(difference < trust * frobenius)
+    exact = lambda: _off_diagonal_class_by_class(members, z, axis_name, divisor, with_gradient)
+    return lax.cond(cancelled, exact, lambda: (value, grad))
 
 
 def _statistic(
@@ -415,8 +517,10 @@ def _statistic(
     def form(classes: int):
         if kind == 'variance':
             return _variance_sum
-        gram = use_gram_form(num_samples, num_units, classes)
-        return _off_diagonal_by_gram if gram else _off_diagonal_by_covariance
+        if not use_gram_form(num_samples, num_units, classes):
+            return _off_diagonal_by_covariance
+        exact = use_exact_fallback(num_samples, num_units, classes)
+        return functools.partial(_off_diagonal_by_gram, exact_fallback=exact)
 
     def run(fn, members, z):
         value, grad = fn(members, z, axis_name, divisor, with_gradient)
@@ -435,10 +539,9 @@ def _statistic(
         # Each class is one weighted class, centred at its own mean (exact, K times the work of hard labels).
         weights = arrays['weights']
         z = jnp.where(jnp.any(weights > 0, axis=1, keepdims=True), z, 0)  # rows of no class may hold NaN
-        one = lambda w: run(form(1), _OneClass(w, z.shape[0], z.dtype, precision), z)
-        # One class at a time: vmapped, the K-fold temporaries of this untaken branch were allocated on every
-        # call and slowed hard labels by up to 1.7× on XLA:CPU.
-        return jax.tree.map(lambda x: jnp.sum(x, axis=0), lax.map(one, weights.T))
+        return _sum_over_classes(
+            lambda w: run(form(1), _OneClass(w, z.shape[0], z.dtype, precision), z), weights
+        )
 
     if 'weights' not in arrays:
         return _pad(hard(z, arrays))

@@ -388,6 +388,75 @@ def test_gram_form_meets_its_stated_bound(case):
     _check_bounds(name, z, ids, k, value_bound=None, small_bound=penalties.gram_form_error_bound(i))
 
 
+def _decorrelated_low_rank(n, i, k, rng):
+    """Classes of fewer samples than units: W_k − 1 orthogonal centred units, the others constant."""
+    ids = np.arange(n) % k
+    z = np.full((n, i), 5.0)
+    for c in range(k):
+        rows = np.flatnonzero(ids == c)
+        active = rng.choice(i, size=len(rows) - 1, replace=False)
+        a = rng.normal(size=(len(rows), len(active)))
+        a -= a.mean(0)
+        q, _ = np.linalg.qr(a)
+        z[np.ix_(rows, active)] = q * np.linspace(1.0, 3.0, len(active)) + 5.0
+    return z + 1e-5 * rng.normal(size=z.shape), ids
+
+
+def _affordable_gram_cases():
+    """Gram-form shapes where the covariance form is affordable: MNIST's cw-CR layer among them."""
+    rng = np.random.default_rng(12)
+    for (n, i, k), name in (((100, 100, 10), 'cw_cr'), ((40, 30, 2), 'cw_cr'), ((24, 48, 1), 'cr')):
+        ids = rng.integers(0, k, n)
+        base = np.maximum(rng.normal(size=(n, i)), 0.0) + 0.1 * rng.normal(size=(n, i))
+        scaled = base.copy()
+        scaled[:, 0] *= 1000.0
+        yield name, 'relu', base, ids, k
+        yield name, 'badly scaled', scaled, ids, k
+        yield name, 'large magnitude', 1e9 * base + 3e9, ids, k
+        z, d_ids = _decorrelated_low_rank(n, i, k, rng)
+        yield name, 'nearly decorrelated', z, d_ids, k
+
+
+@pytest.mark.parametrize('case', list(_affordable_gram_cases()), ids=lambda c: f'{c[0]}-{c[2].shape}-{c[1]}')
+def test_gram_form_meets_the_covariance_bounds_where_the_covariance_form_is_affordable(case):
+    name, _, z, ids, k = case
+    n, i = z.shape
+    assert penalties.use_gram_form(n, i, k) and penalties.use_exact_fallback(n, i, k)
+    _check_bounds(name, z, ids, k, value_bound=1e-4, small_bound=1e-7)
+
+
+def test_affordable_gram_cases_include_a_tiny_off_diagonal():
+    fractions = [
+        ref.VALUES[name](z, np.eye(k)[ids]) / _float64_parts(name, z, np.eye(k)[ids])[2]
+        for name, _, z, ids, k in _affordable_gram_cases()
+    ]
+    assert min(fractions) < 1e-8 and max(fractions) > 0.5, fractions
+
+
+def test_exact_fallback_keeps_vmapped_penalties_in_one_branch_and_exact():
+    # Under vmap the fallback is taken for the whole batch when any member needs it; each member's result
+    # is its own, as computed alone.
+    rng = np.random.default_rng(13)
+    z, ids = _decorrelated_low_rank(40, 30, 2, rng)
+    relu = np.maximum(rng.normal(size=z.shape), 0.0)
+    batch = jnp.asarray(np.stack([z, relu]), jnp.float32)
+    fn = lambda a: penalties.cw_cr(a, ids.astype(np.int32), num_classes=2)
+    # The predicate is unbatched, so the conditional stays one (a batched one runs both branches).
+    flags = jax.vmap(lambda x: penalties._any_in_batch(x > 0))(jnp.array([-1.0, 1.0, -2.0]))
+    np.testing.assert_array_equal(np.asarray(flags), [True, True, True])
+    values, grads = jax.jit(jax.vmap(jax.value_and_grad(fn)))(batch)
+    for member in range(2):
+        expected, expected_grad, total, total_grad = _float64_parts('cw_cr', batch[member], np.eye(2)[ids])
+        small = expected < 1e-3 * total
+        tol = 1e-7 * total if small else 1e-4 * expected
+        assert abs(float(values[member]) - expected) <= tol, member
+        grad_scale = np.max(np.abs(total_grad if small else expected_grad))
+        assert (
+            np.max(np.abs(np.asarray(grads[member]) - expected_grad))
+            <= (1e-7 if small else 1e-4) * grad_scale
+        )
+
+
 @pytest.mark.parametrize('name', NAMES)
 @pytest.mark.parametrize('scale', [1e9, 1e15])
 def test_large_magnitudes_are_finite_and_jit_equals_eager(name, scale):
@@ -406,6 +475,49 @@ def test_large_magnitudes_are_finite_and_jit_equals_eager(name, scale):
     np.testing.assert_allclose(float(jitted[0]), float(eager[0]), rtol=1e-5)
     grad_scale = float(np.max(np.abs(np.asarray(eager[1]))))
     np.testing.assert_allclose(np.asarray(jitted[1]), np.asarray(eager[1]), rtol=1e-4, atol=1e-5 * grad_scale)
+
+
+@pytest.mark.parametrize('branch', ['cpu', 'default'])
+@pytest.mark.parametrize('form', ['all-class', 'ids', 'one-hot', 'mixup', 'where'])
+def test_variance_of_rows_whose_squared_norm_overflows_is_finite(form, branch):
+    # Entries of 1e18 over 4096 units: each ‖z_n − μ‖² is ≈ 4e39, beyond float32, but the variances, means
+    # over samples and units, are ≈ 1e36.
+    n, i, k = 24, 4096, 3
+    rng = np.random.default_rng(11)
+    x = (rng.normal(size=(n, i)) * 1e18).astype(np.float32)
+    ids = rng.integers(0, k, n)
+    weights = np.eye(k, dtype=np.float32)[ids]
+    kwargs, name, labels = {}, 'cw_vr', weights
+    if form == 'all-class':
+        name, labels = 'vr', None
+    elif form == 'ids':
+        labels, kwargs = ids.astype(np.int32), {'num_classes': k}
+    elif form == 'mixup':
+        lam = rng.uniform(0.2, 0.8, size=(n, 1))
+        labels = (lam * weights + (1 - lam) * np.eye(k)[rng.integers(0, k, n)]).astype(np.float32)
+    elif form == 'where':
+        kwargs = {'where': np.arange(n) % 4 != 0}
+    kept = kwargs.get('where', np.ones(n, bool))
+    if name == 'vr':
+        expected = ref.VALUES['vr'](x.astype(np.float64), None)
+    else:
+        expected = _weighted_reference(
+            'cw_vr', x.astype(np.float64), labels_matrix(labels, k) * kept[:, None]
+        )
+    assert np.any(np.sum(np.square(x.astype(np.float64) - x.mean(0)), axis=1) > np.finfo(np.float32).max)
+    fn = lambda a: getattr(penalties, name)(a, labels, **kwargs)
+    with _branch(branch):
+        jitted = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x))
+        eager = jax.value_and_grad(fn)(jnp.asarray(x))
+    for value, grad in (jitted, eager):
+        assert np.all(np.isfinite(np.asarray(grad))), form
+        np.testing.assert_allclose(float(value), expected, rtol=1e-5, err_msg=form)
+    np.testing.assert_allclose(float(jitted[0]), float(eager[0]), rtol=1e-6)
+
+
+def labels_matrix(labels, k):
+    labels = np.asarray(labels)
+    return np.eye(k)[labels] if labels.dtype.kind == 'i' else labels.astype(np.float64)
 
 
 def test_precision_can_be_lowered_and_defaults_to_highest():

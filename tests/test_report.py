@@ -613,6 +613,26 @@ def test_dropout_and_batchnorm_rows(tmp_path):
     assert 'Dropout' not in ae and 'Batch norm' not in ae
 
 
+def test_dropout_bn_verdict_only_where_dropout_or_batchnorm_ran(tmp_path):
+    d = str(tmp_path)
+    for seed in range(3):
+        for reg, value in (('baseline', 2.8), ('cw_vr', 2.5), ('dropout', 2.6), ('batchnorm', 2.7)):
+            _write(
+                d, f'mlp/{reg}{seed}', _run('mnist_mlp/default', reg, 0.1, seed, 'final', value + 0.01 * seed)
+            )
+        for reg, mse in (('baseline', 0.014), ('cw_vr', 0.012)):
+            _write(
+                d,
+                f'ae/{reg}{seed}',
+                _run('mnist_autoencoder/default', reg, 0.1, seed, 'final', None, loss=mse),
+            )
+    out = report.render(report.load_runs([d]))
+    assert '## Table 10 gains, paired over seeds' in out
+    # Table 10 has neither dropout nor batch norm: no verdict line (it read 'n/a').
+    assert 'mnist_autoencoder/default`: at least one of' not in out
+    assert '- `mnist_mlp/default`: at least one of cw-VR and L1R beats both dropout and batch norm: **' in out
+
+
 def _verdict(values):
     cells = report.build_cells(
         [

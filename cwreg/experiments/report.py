@@ -1139,6 +1139,8 @@ def _dropout_bn_lines(spec: TableSpec, cells: Mapping[str, Mapping[str, Cell]]) 
     for col in spec.columns:
         if not _has_data(cells, col.scenario):
             continue
+        if not {'dropout', 'batchnorm'} & set(cells[col.scenario]):  # e.g. Table 10: nothing to compare
+            continue
         verdict, details = dropout_bn_verdict(cells[col.scenario])
         lines.append(
             f'- `{col.scenario}`: at least one of cw-VR and L1R beats both dropout and batch norm: '
