@@ -445,7 +445,7 @@ def _off_diagonal_class_by_class(
     members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool
 ) -> tuple[Array, Optional[Array]]:
     """The covariance form with one class's I×I temporaries at a time (the K-fold ones of the one-hot
-    product slowed the Gram form beside it, as an untaken branch, by up to 1.6×)."""
+    product slowed the Gram form beside it, as an untaken branch, by 1.6–1.7×)."""
     if members.num_classes == 1:
         return _off_diagonal_by_covariance(members, z, axis_name, divisor, with_gradient)
     z = jnp.where(members.valid()[:, None], z, 0)  # rows of no class may hold NaN
