@@ -441,6 +441,17 @@ def _sum_over_classes(one_class: Callable[[Array], Any], weights: Array) -> Any:
     return lax.scan(add_class, zeros, weights.T)[0]
 
 
+def _class_by_class(
+    fn, weights: Array, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool, precision
+):
+    """Σ_k fn for class k alone, as one weighted class (weights[:, k]): exact for any weights."""
+    z = jnp.where(jnp.any(weights > 0, axis=1, keepdims=True), z, 0)  # rows of no class may hold NaN
+    one_class = lambda w: fn(
+        _OneClass(w, z.shape[0], z.dtype, precision), z, axis_name, divisor, with_gradient
+    )
+    return _sum_over_classes(one_class, weights)
+
+
 def _off_diagonal_class_by_class(
     members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool
 ) -> tuple[Array, Optional[Array]]:
@@ -448,11 +459,15 @@ def _off_diagonal_class_by_class(
     product slowed the Gram form beside it, as an untaken branch, by 1.6–1.7×)."""
     if members.num_classes == 1:
         return _off_diagonal_by_covariance(members, z, axis_name, divisor, with_gradient)
-    z = jnp.where(members.valid()[:, None], z, 0)  # rows of no class may hold NaN
-    one_class = lambda w: _off_diagonal_by_covariance(
-        _OneClass(w, z.shape[0], z.dtype, members.precision), z, axis_name, divisor, with_gradient
+    return _class_by_class(
+        _off_diagonal_by_covariance,
+        members.class_weights(),
+        z,
+        axis_name,
+        divisor,
+        with_gradient,
+        members.precision,
     )
-    return _sum_over_classes(one_class, members.class_weights())
 
 
 def _off_diagonal_by_gram(
@@ -523,35 +538,26 @@ def _statistic(
         return functools.partial(_off_diagonal_by_gram, exact_fallback=exact)
 
     def run(fn, members, z):
-        value, grad = fn(members, z, axis_name, divisor, with_gradient)
-        return (value, grad) if with_gradient else (value,)
+        return fn(members, z, axis_name, divisor, with_gradient)
 
     if one_class:
         weights = arrays.get('weights')
         if weights is not None:  # Masked rows may hold anything (even NaN): the products must not see them.
             z = jnp.where(weights[:, None] > 0, z, 0)
-        return _pad(run(form(1), _OneClass(weights, z.shape[0], z.dtype, precision), z))
+        return run(form(1), _OneClass(weights, z.shape[0], z.dtype, precision), z)
 
     def hard(z, arrays):
         return run(form(num_classes), _HardClasses(arrays['ids'], num_classes, z.dtype, precision), z)
 
     def soft(z, arrays):
         # Each class is one weighted class, centred at its own mean (exact, K times the work of hard labels).
-        weights = arrays['weights']
-        z = jnp.where(jnp.any(weights > 0, axis=1, keepdims=True), z, 0)  # rows of no class may hold NaN
-        return _sum_over_classes(
-            lambda w: run(form(1), _OneClass(w, z.shape[0], z.dtype, precision), z), weights
-        )
+        return _class_by_class(form(1), arrays['weights'], z, axis_name, divisor, with_gradient, precision)
 
     if 'weights' not in arrays:
-        return _pad(hard(z, arrays))
+        return hard(z, arrays)
     # Float labels: one-hot and zero rows take the ids' path. The conditional costs a copy of z and of the
     # gradient on XLA:CPU (up to ≈1.5× at wide layers): integer ids skip it.
-    return _pad(lax.cond(arrays['hard'], hard, soft, z, arrays))
-
-
-def _pad(outputs: tuple) -> tuple[Array, Optional[Array]]:
-    return outputs if len(outputs) == 2 else (outputs[0], None)
+    return lax.cond(arrays['hard'], hard, soft, z, arrays)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3))

@@ -502,7 +502,7 @@ def test_variance_of_rows_whose_squared_norm_overflows_is_finite(form, branch):
         expected = ref.VALUES['vr'](x.astype(np.float64), None)
     else:
         expected = _weighted_reference(
-            'cw_vr', x.astype(np.float64), labels_matrix(labels, k) * kept[:, None]
+            'cw_vr', x.astype(np.float64), _labels_matrix(labels, k) * kept[:, None]
         )
     assert np.any(np.sum(np.square(x.astype(np.float64) - x.mean(0)), axis=1) > np.finfo(np.float32).max)
     fn = lambda a: getattr(penalties, name)(a, labels, **kwargs)
@@ -515,7 +515,7 @@ def test_variance_of_rows_whose_squared_norm_overflows_is_finite(form, branch):
     np.testing.assert_allclose(float(jitted[0]), float(eager[0]), rtol=1e-6)
 
 
-def labels_matrix(labels, k):
+def _labels_matrix(labels, k):
     labels = np.asarray(labels)
     return np.eye(k)[labels] if labels.dtype.kind == 'i' else labels.astype(np.float64)
 
