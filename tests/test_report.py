@@ -690,3 +690,26 @@ def test_columns_of_different_protocols_get_a_runs_line_each(text):
     runs = [l for l in section if 'Runs:' in l]
     assert [l.split(':')[0] for l in runs] == ['- `mnist_mlp/default`', '- `mnist_mlp/size5k`'], runs
     assert 'seeds 0–4' in runs[0] and 'seeds 0–1' in runs[1] or 'seeds 0, 1' in runs[1], runs
+
+
+def test_table10_gains_are_relative_to_the_reference_and_compared_with_the_papers_relative_gain(tmp_path):
+    # The paper's MSE scale is undefined: its gains compare only as % of the reference's MSE.
+    d = str(tmp_path)
+    base = [0.0140, 0.0150, 0.0162]
+    cw_vr = [0.0120, 0.0131, 0.0139]
+    for seed, (b, c) in enumerate(zip(base, cw_vr)):
+        for reg, mse in (('baseline', b), ('cw_vr', c)):
+            _write(
+                d,
+                f'ae/{reg}{seed}',
+                _run('mnist_autoencoder/default', reg, 0.1, seed, 'final', None, loss=mse),
+            )
+    _, body = _table(_section(report.render(report.load_runs([d])), '## Table 10 gains'))
+    cell = body['cw-VR']['Mean Squared Error (`mnist_autoencoder/default`)']
+    rel = 100.0 * (np.array(cw_vr) - np.array(base)) / np.array(base)
+    half = 4.302652729911275 * np.std(rel, ddof=1) / np.sqrt(3)  # t_{0.975, 2}
+    # Paper: cw-VR 1.19e-2 ± 2.48e-4, baseline 1.44e-2 ± 3.36e-4 over 5 runs; delta-method SE.
+    paper = 100.0 * (0.0119 - 0.0144) / 0.0144
+    paper_se = 100.0 * np.sqrt((2.48e-4 / 0.0144) ** 2 / 5 + (0.0119 * 3.36e-4 / 0.0144**2) ** 2 / 5)
+    assert cell.startswith(f'{rel.mean():+.2f} [{rel.mean() - half:+.2f}, {rel.mean() + half:+.2f}] (n=3, ')
+    assert f'paper {paper:+.2f} ± {paper_se:.2f})' in cell

@@ -857,6 +857,25 @@ def paper_gain(a: Optional[Mapping[str, Any]], b: Optional[Mapping[str, Any]]) -
     return PaperGain(float(a['mean']) - float(b['mean']), math.sqrt(sum(v for v, _ in terms)), terms)
 
 
+def relative_difference(a: Mapping[int, float], b: Mapping[int, float]) -> Optional[Paired]:
+    """``100 (a − b) / b`` paired by seed: a gain in % of ``b``, for metrics on a scale the paper leaves open."""
+    relative = {s: 100.0 * (a[s] - b[s]) / b[s] for s in a if s in b and b[s] != 0}
+    return paired_difference(relative, dict.fromkeys(relative, 0.0))
+
+
+def relative_paper_gain(
+    a: Optional[Mapping[str, Any]], b: Optional[Mapping[str, Any]]
+) -> Optional[PaperGain]:
+    """The paper's ``100 (a − b) / b`` with its delta-method SE: ∂/∂a = 100/b, ∂/∂b = −100 a/b²."""
+    gain = paper_gain(a, b)
+    if gain is None:
+        return None
+    mean_a, mean_b = float(a['mean']), float(b['mean'])
+    (var_a, dof_a), (var_b, dof_b) = gain.terms
+    terms = ((var_a * (100.0 / mean_b) ** 2, dof_a), (var_b * (100.0 * mean_a / mean_b**2) ** 2, dof_b))
+    return PaperGain(100.0 * (mean_a - mean_b) / mean_b, math.sqrt(sum(v for v, _ in terms)), terms)
+
+
 def welch(diff: float, terms: Sequence[tuple[float, int]], level: float = 0.95) -> tuple[float, float]:
     """Half-width of the `level` CI and two-sided p of `diff`, whose variance is the sum of `terms`
     ((variance s²/n, dof n−1) of each mean), against Student t with Welch–Satterthwaite dof."""
@@ -1066,22 +1085,26 @@ title. Dropout's λ is its dropout rate; the baseline and batch norm have no λ 
 
 GAINS_CONVENTIONS = """\
 Gains tables: each cell is our gain over the baseline (or cw-CR − CR, cw-VR − VR), the mean of the paired
-differences regularizer − baseline over the final seeds both have (negative = lower error), with its 95 %
-CI (Student t, n−1 dof) and the two-sided paired t-test p; pairing needs one final λ per cell (the chosen
-one). Then the paper's gain (difference of its means) ± its SE √(s_r²/5 + s_b²/5), its runs being unpaired
-mean ± std over 5. † marks a gain that differs from the paper's at the 5 % level (two-sided): t = (ours −
-paper) / √(SE_ours² + SE_paper²) against Student t with Welch–Satterthwaite dof over the three variance
-terms (ours with n−1, the paper's two means with 4 each). The issue #14 lines ask whether cw-VR or L1R beats
-both dropout and batch norm: "holds (significant)" if one of them is lower than both with both paired 95 %
-CIs below 0, "holds in the means only" if one is lower than both in the mean, "n/a" when rows are missing."""
+differences regularizer − baseline over the final seeds both have (negative = lower error), with its 95 % CI
+(Student t, n−1 dof) and the two-sided paired t-test p; pairing needs one final λ per cell (the chosen one).
+Then the paper's gain (difference of its means) ± its SE √(s_r²/5 + s_b²/5), its runs being unpaired mean ±
+std over 5. MSE gains (Table 10) are relative, 100 (a − b)/b per seed and, for the paper, of its means with
+a delta-method SE: the paper's MSE is on a scale it does not define. † marks a gain that differs from the
+paper's at the 5 % level (two-sided): t = (ours − paper) / √(SE_ours² + SE_paper²) against Student t with
+Welch–Satterthwaite dof over the three variance terms (ours with n−1, the paper's two means with 4 each).
+The issue #14 lines ask whether cw-VR or L1R beats both dropout and batch norm: "holds (significant)" if one
+of them is lower than both with both paired 95 % CIs below 0, "holds in the means only" if one is lower than
+both in the mean, "n/a" when rows are missing."""
 
 COMPARISONS: tuple[tuple[str, str], ...] = (('cw_cr', 'cr'), ('cw_vr', 'vr'))
 
 
-def _pair(cells: Mapping[str, Cell], a: str, b: str) -> Optional[Paired]:
+def _pair(cells: Mapping[str, Cell], a: str, b: str, relative: bool = False) -> Optional[Paired]:
     if a not in cells or b not in cells:
         return None
-    return paired_difference(cells[a].final_by_seed, cells[b].final_by_seed)
+    return (relative_difference if relative else paired_difference)(
+        cells[a].final_by_seed, cells[b].final_by_seed
+    )
 
 
 def render_gains_table(
@@ -1089,21 +1112,25 @@ def render_gains_table(
 ) -> list[str]:
     """Gains over the baseline and cw-X − X per column, paired by seed, beside the paper's; [] without data."""
     pairs = [(r, 'baseline') for r in _table_rows(spec, cells, paper) if r != 'baseline'] + list(COMPARISONS)
+    # The paper's MSE is on a scale it does not define: only relative gains compare.
+    relative = spec.metric == 'mse'
     rows, any_ours = [], False
     for a, b in pairs:
         name = DISPLAY_NAMES.get(a, a) if b == 'baseline' else f'{DISPLAY_NAMES[a]} − {DISPLAY_NAMES[b]}'
         row, keep = [name], False
         for col in spec.columns:
-            ours = _pair(cells.get(col.scenario, {}), a, b)
-            theirs = paper_gain(_paper_entry(paper, col.scenario, a), _paper_entry(paper, col.scenario, b))
+            ours = _pair(cells.get(col.scenario, {}), a, b, relative)
+            entries = _paper_entry(paper, col.scenario, a), _paper_entry(paper, col.scenario, b)
+            theirs = (relative_paper_gain if relative else paper_gain)(*entries)
             keep |= ours is not None or theirs is not None
             any_ours |= ours is not None
-            row.append(format_gain(ours, theirs, spec.metric))
+            row.append(format_gain(ours, theirs, 'percent' if relative else spec.metric))
         if keep:
             rows.append(row)
     if not any_ours:
         return []
-    return _md_table(['Gain'] + [f'{c.title} (`{c.scenario}`)' for c in spec.columns], rows)
+    first = 'Gain (% of the reference)' if relative else 'Gain'
+    return _md_table([first] + [f'{c.title} (`{c.scenario}`)' for c in spec.columns], rows)
 
 
 def dropout_bn_verdict(by_reg: Mapping[str, Cell]) -> tuple[str, list[str]]:
@@ -1197,7 +1224,8 @@ def _render_spec(
     gains = render_gains_table(spec, cells, paper) if spec.key not in ('5', 'other') else []
     if gains:
         lines += [f'## Table {spec.key} gains, paired over seeds{label}', '', *gains, '']
-        lines += _dropout_bn_lines(spec, cells) + ['']
+        verdicts = _dropout_bn_lines(spec, cells)
+        lines += verdicts + [''] if verdicts else []
     return lines
 
 
