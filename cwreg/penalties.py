@@ -333,47 +333,38 @@ def _class_centred(members, z: Array, axis_name: AxisName) -> tuple[Array, Array
     return members.centre(z, means), inv_counts
 
 
-def _squared_norms(
-    centre: Callable[[], Array], precision: PrecisionLike, axis_name: AxisName
-) -> tuple[Array, Array, Array]:
-    """(x, ‖x_n‖² / u², u) for x = centre(), with u a power of 2: 1 unless some ‖x_n‖² overflows anywhere.
-
-    A product (XLA:CPU's fused square-and-sum of wide rows is slower). Rows of entries near 1e19 overflow
-    where the statistic, a mean, need not; their norms are computed again from x / max|x|, which is exact to
-    rounding. That rare second pass recomputes x from the inputs inside a conditional with (N,) outputs, so
-    that the usual case keeps x fused into its consumers.
-    """
-    x = centre()
-    squares = jnp.einsum('ni,ni->n', x, x, precision=precision)
-    overflowed = _any_in_batch(pmax(jnp.any(squares == jnp.inf).astype(jnp.int32), axis_name) > 0)
-
-    def rescaled(squares):
-        del squares
-        x = centre()
-        unit = _pow2_scale(pmax(jnp.max(jnp.abs(x)), axis_name))
-        x = x * (1.0 / unit)
-        return jnp.einsum('ni,ni->n', x, x, precision=precision), unit
-
-    kept = lambda squares: (squares, jnp.ones((), squares.dtype))
-    return (x,) + lax.cond(overflowed, rescaled, kept, squares)
+def _variance_value(members, x: Array, inv_counts: Array, axis_name: AxisName, divisor: float) -> Array:
+    """Σ_k (1/W_k) Σ_n w_nk ‖x_n‖² / divisor for class-centred rows x (0 outside every class)."""
+    squares = jnp.einsum('ni,ni->n', x, x, precision=members.precision)  # XLA:CPU sums wide rows slower
+    # Divided by 2^⌈log2 N⌉, exactly, so that the class sums stay in range.
+    shrink = _fixed_pow2(x.shape[0] * axis_size(axis_name))
+    per_class = psum(members.sums(squares * (1.0 / shrink)), axis_name)
+    return (jnp.sum(per_class * inv_counts) / divisor) * shrink
 
 
 def _variance_sum(
     members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool
 ) -> tuple[Array, Optional[Array]]:
-    """Σ_k Σ_i v^k_i / divisor and, if asked, the gradient 2 w_nk/W_k (z_n − μ^k) of the sum.
+    """Σ_k Σ_i v^k_i / divisor and, if asked, its gradient 2 w_nk/W_k (z_n − μ^k) / divisor.
 
     The gradient has no μ terms: the means' share of it is −2/W_k Σ_n w_nk (z_n − μ^k) = 0.
     """
     means, inv_counts = _class_means(members, z, axis_name)
-    centred, squares, unit = _squared_norms(lambda: members.centre(z, means), members.precision, axis_name)
-    # Divided by 2^⌈log2 N⌉, exactly, so that the class sums stay in range.
-    shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name))
-    per_class = psum(members.sums(squares * (1.0 / shrink)), axis_name)
-    value = ((jnp.sum(per_class * inv_counts) / divisor) * shrink * unit) * unit
+    centred = members.centre(z, means)
+    value = _variance_value(members, centred, inv_counts, axis_name, divisor)
+
+    def rescaled():
+        # ‖x_n‖² of entries near 1e19 overflow where the statistic, a mean, need not: computed again from
+        # x / max|x|, exact to rounding. Recomputing x here keeps it fused into its consumers above.
+        x = members.centre(z, means)
+        unit = _pow2_scale(pmax(jnp.max(jnp.abs(x)), axis_name))
+        return (_variance_value(members, x * (1.0 / unit), inv_counts, axis_name, divisor) * unit) * unit
+
+    # inf, or NaN where a product with one-hot rows met inf. The value is global: one branch on all devices.
+    value = lax.cond(_any_in_batch(~jnp.isfinite(value)), rescaled, lambda: value)
     if not with_gradient:
         return value, None
-    return value, members.scale_rows(2.0 * inv_counts, centred)
+    return value, members.scale_rows((2.0 / divisor) * inv_counts, centred)
 
 
 def use_gram_form(num_samples: int, num_units: int, num_classes: int) -> bool:
@@ -401,7 +392,7 @@ def _off_diagonal_by_covariance(
 ) -> tuple[Array, Optional[Array]]:
     """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from per-class covariances (no cancellation), and its gradient.
 
-    The gradient (4 w_nk/W_k) Σ_{j≠i} c^k_ij (z_jn − μ^k_j) has no μ terms: each class's gradient is a
+    The gradient (4 w_nk/W_k) Σ_{j≠i} c^k_ij (z_jn − μ^k_j) / divisor has no μ terms: each class's gradient is a
     linear map of its centred activations, whose weighted sum is 0.
     """
     centred, inv_counts = _class_centred(members, z, axis_name)
@@ -412,7 +403,7 @@ def _off_diagonal_by_covariance(
     value = (jnp.sum(shrunk * shrunk) / divisor) * scale * scale
     if not with_gradient:
         return value, None
-    return value, members.apply(4.0 * inv_counts, off_diagonal, centred)
+    return value, members.apply((4.0 / divisor) * inv_counts, off_diagonal, centred)
 
 
 def use_exact_fallback(num_samples: int, num_units: int, num_classes: int) -> bool:
@@ -501,7 +492,7 @@ def _off_diagonal_by_gram(
     if with_gradient:
         # ∂/∂x_n = 4 Σ_m a_nm ⟨x_n, x_m⟩ x_m − 4 (w_nk c^k_ii / W_k)_i ∘ x_n.
         pairs = jnp.matmul(weighted, others, precision=members.precision) * scale
-        grad = 4.0 * (pairs - members.scale_rows(inv_counts[:, None] * variances, centred))
+        grad = (4.0 / divisor) * (pairs - members.scale_rows(inv_counts[:, None] * variances, centred))
     if not exact_fallback:
         return value, grad
     trust = _GRAM_TRUST * gram_form_error_bound(z.shape[1], z.dtype)
@@ -555,8 +546,8 @@ def _statistic(
 
     if 'weights' not in arrays:
         return hard(z, arrays)
-    # Float labels: one-hot and zero rows take the ids' path. The conditional costs a copy of z and of the
-    # gradient on XLA:CPU (up to ≈1.5× at wide layers): integer ids skip it.
+    # Float labels: one-hot and zero rows take the ids' path. XLA:CPU runs that branch up to 1.4× slower than
+    # the same program outside a conditional (README, Speed): integer ids skip it.
     return lax.cond(arrays['hard'], hard, soft, z, arrays)
 
 
@@ -579,7 +570,7 @@ def _with_table1_gradient(
 def _with_table1_gradient_jvp(statistic, axis_name, primals, tangents):
     (z, arrays), (z_dot, _) = primals, tangents
     value, grad = statistic(z, arrays, axis_name, with_gradient=True)
-    return value, psum(jnp.sum(grad * z_dot), axis_name) / statistic.keywords['divisor']
+    return value, psum(jnp.sum(grad * z_dot), axis_name)
 
 
 def _replicated(value: Array, axis_name: AxisName, grad_reduction: str) -> Array:
@@ -689,6 +680,18 @@ def _abs(x: Array) -> Array:
 def _abs_jvp(primals, tangents):
     (x,), (dx,) = primals, tangents
     return jnp.abs(x), jnp.sign(x) * dx
+
+
+@jax.custom_jvp
+def _with_tangent_of(value: Array, reference: Array) -> Array:
+    """``value``, differentiated as ``reference`` (the same quantity, computed in a way that may overflow)."""
+    del reference
+    return value
+
+
+@_with_tangent_of.defjvp
+def _with_tangent_of_jvp(primals, tangents):
+    return _with_tangent_of(*primals), tangents[1]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -892,15 +895,22 @@ def l1r(
         return _on_global_batch(l1r, activations, None, where)
     z = labels_lib.as_units(activations)
     mask = labels_lib.as_mask(where, z.shape[0])
-    # Each term is divided by 2^⌈log2(N I)⌉ before the sum, exactly, so that the sum stays in range.
-    shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name) * z.shape[1])
     if mask is None:
         count = float(z.shape[0] * axis_size(axis_name))
     else:
         z = jnp.where(mask[:, None], z, 0)  # before |z|: its derivative at a masked NaN would be NaN
         count = jnp.maximum(psum(jnp.sum(mask, dtype=z.dtype), axis_name), 1.0)
-    terms = _abs(z) * (1.0 / shrink)
-    value = (psum(jnp.sum(terms), axis_name) / (count * float(z.shape[1]))) * shrink
+    normalizer = count * float(z.shape[1])
+    value = psum(jnp.sum(_abs(z)), axis_name) / normalizer  # XLA:CPU's fastest reduction: nothing fused in
+
+    def rescaled():
+        # A sum past 3.4e38 of a representable mean: each term divided by 2^⌈log2(N I)⌉ first, exactly.
+        shrink = _fixed_pow2(z.shape[0] * axis_size(axis_name) * z.shape[1])
+        terms = jnp.abs(lax.stop_gradient(z)) * (1.0 / shrink)
+        return (psum(jnp.sum(terms), axis_name) / lax.stop_gradient(normalizer)) * shrink
+
+    exact = lax.cond(_any_in_batch(value == jnp.inf), rescaled, lambda: lax.stop_gradient(value))
+    value = _with_tangent_of(exact, value)
     return _replicated(value, axis_name, grad_reduction)
 
 

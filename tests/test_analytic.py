@@ -135,7 +135,9 @@ def test_analytic_eager_equals_jit_and_ignores_or_requires_labels(name):
     x, y = _data((7, 2, 3), 3, 'random', 'gauss')
     xj, yj = jnp.asarray(x), jnp.asarray(y)
     f = getattr(analytic, name)
-    np.testing.assert_allclose(f(xj, yj), ANALYTIC[name](xj, yj), rtol=1e-6, atol=1e-12)
+    eager = np.asarray(f(xj, yj))
+    # Entries 100× below the largest round differently under jit on some CPUs: tolerance of the scale.
+    np.testing.assert_allclose(eager, ANALYTIC[name](xj, yj), rtol=1e-6, atol=1e-6 * np.max(np.abs(eager)))
     if name in CLASS_WISE:
         with pytest.raises(SHAPE_ERRORS):
             f(xj)

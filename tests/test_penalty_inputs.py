@@ -477,6 +477,27 @@ def test_large_magnitudes_are_finite_and_jit_equals_eager(name, scale):
     np.testing.assert_allclose(np.asarray(jitted[1]), np.asarray(eager[1]), rtol=1e-4, atol=1e-5 * grad_scale)
 
 
+@pytest.mark.parametrize('masked', [False, True])
+def test_l1r_of_entries_whose_sum_overflows_is_finite(masked):
+    # 3000 entries of ≈ 1e38: their sum is beyond float32, their mean is not.
+    rng = np.random.default_rng(5)
+    x = (rng.uniform(0.5, 3.0, size=(30, 100)) * np.sign(rng.normal(size=(30, 100))) * 1e38).astype(
+        np.float32
+    )
+    where = np.arange(30) % 3 != 0 if masked else None
+    kept = x if where is None else x[where]
+    expected = np.mean(np.abs(kept.astype(np.float64)))
+    expected_grad = np.sign(x) / kept.size * (np.ones((30, 1)) if where is None else where[:, None])
+    fn = lambda a: penalties.l1r(a, where=where)
+    jitted = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x))
+    eager = jax.value_and_grad(fn)(jnp.asarray(x))
+    batched = jax.jit(jax.vmap(jax.value_and_grad(fn)))(jnp.stack([jnp.asarray(x), jnp.asarray(x) * 1e-30]))
+    for value, grad in (jitted, eager, (batched[0][0], batched[1][0])):
+        np.testing.assert_allclose(float(value), expected, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-6)
+    np.testing.assert_allclose(float(batched[0][1]), expected * 1e-30, rtol=1e-5)
+
+
 @pytest.mark.parametrize('branch', ['cpu', 'default'])
 @pytest.mark.parametrize('form', ['all-class', 'ids', 'one-hot', 'mixup', 'where'])
 def test_variance_of_rows_whose_squared_norm_overflows_is_finite(form, branch):

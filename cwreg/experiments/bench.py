@@ -7,7 +7,11 @@ O(K·I²) memory), written in JAX and jitted the same way.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -104,14 +108,20 @@ def load_baseline(path: str):
     return module
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time (s) of each fn, timed in alternation so that machine drift hits all alike."""
+def _interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, min_time: float = 0.5, max_repeats: int = 2000
+) -> dict[str, float]:
+    """Median wall time (s) of each fn, timed in alternation so that machine drift hits all alike.
+
+    At least ``repeats`` rounds, and more up to ``min_time`` s per fn (at most ``max_repeats``): calls of
+    tens of µs vary by ±50 % with dispatch, so their medians need hundreds of rounds.
+    """
     for fn in fns.values():
         jax.block_until_ready(fn())
     times = {name: [] for name in fns}
     start = time.perf_counter()
     while min(map(len, times.values())) < repeats or (
-        time.perf_counter() - start < 0.2 * len(fns) and min(map(len, times.values())) < 100
+        time.perf_counter() - start < min_time * len(fns) and min(map(len, times.values())) < max_repeats
     ):
         for name, fn in fns.items():
             t0 = time.perf_counter()
@@ -172,6 +182,51 @@ def penalty_rows(
                     value, reference = float(ours(z, labels)[0]), float(masked(z, y)[0])
                     row['rel_diff'] = abs(value - reference) / max(abs(reference), 1e-30)
                 rows.append(row)
+    return rows
+
+
+_ROW_KEYS = ('penalty', 'labels', 'N', 'I', 'K')
+
+
+def penalty_rows_in_processes(
+    processes: int,
+    names: Sequence[str],
+    repeats: int,
+    baseline_path: Optional[str] = None,
+    shapes: Sequence[tuple[int, int, int]] = PENALTY_SHAPES,
+) -> list[dict]:
+    """`penalty_rows` in ``processes`` fresh processes, one after another: per row, the median over them of
+    each time and ratio, and the range of ``vs_baseline``.
+
+    One process's buffer placement biases all its timings of a wide layer alike: VR at 65,536 units measured
+    0.73× and 1.22× the same baseline in two processes, each ratio stable within its process.
+    """
+    program = (
+        'import json, sys; from cwreg.experiments import bench; '
+        'base = bench.load_baseline(sys.argv[3]) if sys.argv[3] else None; '
+        'shapes = [tuple(s) for s in json.loads(sys.argv[4])]; '
+        'rows = bench.penalty_rows(shapes, sys.argv[1].split(","), int(sys.argv[2]), baseline=base); '
+        'print("ROWS " + json.dumps(rows))'
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join(filter(None, [root, os.environ.get('PYTHONPATH')]))}
+    runs = []
+    for _ in range(processes):
+        args = [sys.executable, '-c', program, ','.join(names), str(repeats), baseline_path or '']
+        args.append(json.dumps([list(shape) for shape in shapes]))
+        out = subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
+        runs.append(json.loads(next(l for l in out.splitlines() if l.startswith('ROWS '))[5:]))
+    rows = []
+    for same in zip(*runs):
+        row = {k: same[0][k] for k in _ROW_KEYS}
+        for key in same[0]:
+            values = [r[key] for r in same if r.get(key) is not None]
+            if key not in _ROW_KEYS and values:
+                row[key] = float(statistics.median(values))
+        if 'vs_baseline' in row:
+            ratios = [r['vs_baseline'] for r in same]
+            row['vs_baseline_range'] = f'{min(ratios):.2f}–{max(ratios):.2f}'
+        rows.append(row)
     return rows
 
 
