@@ -64,7 +64,7 @@ def test_penalty_rows_in_processes_report_medians_and_ranges_over_processes():
     import pathlib
 
     source = str(pathlib.Path(bench.__file__).parent.parent / 'penalties.py')
-    rows = bench.penalty_rows_in_processes(3, ('vr',), repeats=2, baseline_path=source, shapes=((8, 5, 3),))
+    rows = bench.penalty_rows_in_processes(2, ('vr',), repeats=2, baseline_path=source, shapes=((8, 5, 3),))
     assert [(r['penalty'], r['labels'], r['N'], r['I'], r['K']) for r in rows] == [('vr', 'ids', 8, 5, 3)]
     low, high = map(float, rows[0]['vs_baseline_range'].split('–'))
     assert low <= round(rows[0]['vs_baseline'], 2) <= high and rows[0]['ours_ms'] > 0

@@ -642,7 +642,7 @@ _PMAP_SCRIPT = textwrap.dedent("""
     def replicate(tree, n):
         return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
 
-    def compare(name, config, image_shape):
+    def compare(name, config, image_shape, update_atol=1e-4, state_atol=1e-6):
         task = step_lib.Task.from_config(config, num_classes=10)
         rng = np.random.default_rng(0)
         images = rng.uniform(size=(len(LABELS),) + image_shape).astype(np.float32)
@@ -672,7 +672,8 @@ _PMAP_SCRIPT = textwrap.dedent("""
         new4 = jax.tree.map(lambda x: np.asarray(x[0]), state4)
         new1 = jax.tree.map(lambda x: np.asarray(x[0]), state1)
         for part in ('params', 'batch_stats', 'opt_state'):
-            jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6,
+            atol = state_atol if part != 'batch_stats' else 1e-6  # params and momentum
+            jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=atol,
                                            err_msg=f'{name}: {part}'), getattr(new4, part), getattr(new1, part))
         # The update itself (new - old = -lr * gradient for the first SGD/momentum step), relative to its
         # own size: params are dominated by their initial values, the update is what the step computed.
@@ -681,7 +682,7 @@ _PMAP_SCRIPT = textwrap.dedent("""
                                      jax.tree.leaves(new1.params), jax.tree.leaves(old)):
             u4, u1 = n4 - o, n1 - o
             scale = max(np.abs(u1).max(), 1e-12)
-            np.testing.assert_allclose(u4 / scale, u1 / scale, rtol=0, atol=1e-4,
+            np.testing.assert_allclose(u4 / scale, u1 / scale, rtol=0, atol=update_atol,
                                        err_msg=f'{name}: update of {jax.tree_util.keystr(path)}')
         for key_ in ('loss', 'penalty', 'correct'):
             np.testing.assert_allclose(np.asarray(metrics4[key_]), np.broadcast_to(metrics1[key_], (4,)),
@@ -712,7 +713,10 @@ _PMAP_SCRIPT = textwrap.dedent("""
     # Augmentation draws per-device crops: a different (valid) batch than one device would see.
     config.dataset.augment = False
     config.weight_decay = 0.05  # He et al.'s 1e-4 would make a wrong 1/D factor invisible
-    compare('resnet8 (synced BatchNorm) cw_vr + weight decay', config, (16, 16, 3))
+    # Convolutions and BatchNorm backward over 4 images per device and over 16 round differently on some
+    # XLA:CPU builds: up to 8e-4 of a leaf's update (AMD EPYC, 2026-12-03; a 1/D error is ≥ 25 %).
+    compare('resnet8 (synced BatchNorm) cw_vr + weight decay', config, (16, 16, 3), update_atol=5e-3,
+            state_atol=1e-3)
 """)
 
 
