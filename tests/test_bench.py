@@ -1,6 +1,8 @@
 """The benchmark's train-step table runs and reports what the README's table shows."""
 
+import json
 import math
+import subprocess
 
 import jax
 
@@ -68,3 +70,26 @@ def test_penalty_rows_in_processes_report_medians_and_ranges_over_processes():
     assert [(r['penalty'], r['labels'], r['N'], r['I'], r['K']) for r in rows] == [('vr', 'ids', 8, 5, 3)]
     low, high = map(float, rows[0]['vs_baseline_range'].split('–'))
     assert low <= round(rows[0]['vs_baseline'], 2) <= high and rows[0]['ours_ms'] > 0
+
+
+def test_penalty_rows_in_processes_take_each_rows_median_over_processes(monkeypatch):
+    # Canned outputs of five processes: the row is their median, the range their min and max.
+    outputs = iter([(1.3, 0.5), (1.0, 0.1), (1.2, 0.4), (1.1, 0.2), (1.4, 0.3)])
+
+    def fake_run(args, **kwargs):
+        ratio, ours = next(outputs)
+        row = {
+            'penalty': 'vr',
+            'labels': 'ids',
+            'N': 8,
+            'I': 5,
+            'K': 3,
+            'ours_ms': ours,
+            'vs_baseline': ratio,
+        }
+        return subprocess.CompletedProcess(args, 0, stdout='noise\nROWS ' + json.dumps([row]) + '\n')
+
+    monkeypatch.setattr(bench.subprocess, 'run', fake_run)
+    (row,) = bench.penalty_rows_in_processes(5, ('vr',), repeats=1, baseline_path='b.py', shapes=((8, 5, 3),))
+    assert row['vs_baseline'] == 1.2 and row['ours_ms'] == 0.3
+    assert row['vs_baseline_range'] == '1.00–1.40'

@@ -1225,7 +1225,8 @@ def _render_spec(
     if gains:
         lines += [f'## Table {spec.key} gains, paired over seeds{label}', '', *gains, '']
         verdicts = _dropout_bn_lines(spec, cells)
-        lines += verdicts + [''] if verdicts else []
+        if verdicts:
+            lines += verdicts + ['']
     return lines
 
 
