@@ -84,9 +84,16 @@ _SLOW_PREFIXES = (
 )
 
 
+# Slow tests that CI's dependency-bounds stages (.ci/lower_bounds, `-m "not slow or bounds"`) run anyway:
+# shard_map, pmap and sharding APIs change between JAX releases more than anything else the library uses.
+_BOUNDS_PREFIXES = ('tests/test_multidevice.py',)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     del config
     for item in items:
         if item.nodeid.startswith(_SLOW_PREFIXES):
             item.add_marker(pytest.mark.slow)
+        if item.nodeid.startswith(_BOUNDS_PREFIXES):
+            item.add_marker(pytest.mark.bounds)

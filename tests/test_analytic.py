@@ -172,9 +172,18 @@ def _supports_float64() -> bool:
         return penalties.vr(x).dtype == jnp.float64
 
 
-@pytest.mark.parametrize('name', NAMES)
-# Covariance path (K > 1, K = 1) and Gram path (K > 1, K = 1), see penalties.use_gram_form.
-@pytest.mark.parametrize('shape,num_classes', [((20, 3), 2), ((12, 3), 1), ((4, 40), 3), ((5, 30), 1)])
+# Covariance path (K > 1, K = 1) and Gram path (K > 1, K = 1), see penalties.use_gram_form. The all-class
+# penalties ignore labels, so one shape per path suffices for them (K = 1 is a code path of cw-CR/cw-VR only).
+_F64_SHAPES = {'cov': ((20, 3), 2), 'cov-k1': ((12, 3), 1), 'gram': ((4, 40), 3), 'gram-k1': ((5, 30), 1)}
+_F64_CASES = [
+    pytest.param(name, *case, id=f'{name}-{path}')
+    for name in NAMES
+    for path, case in _F64_SHAPES.items()
+    if name in CLASS_WISE or not path.endswith('k1')
+]
+
+
+@pytest.mark.parametrize('name,shape,num_classes', _F64_CASES)
 def test_check_grads_f64_if_supported(name, shape, num_classes):
     # CR, cw-CR, VR and cw-VR are differentiated through a JVP rule (Table 1's gradient); its own derivatives
     # come from autodiff of the rule, so orders 2 and 3 check the rule's derivatives (for CR/cw-CR on both

@@ -20,6 +20,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
 
@@ -204,6 +205,12 @@ def _central_differences(fn, z: np.ndarray, h: float = 1e-6) -> np.ndarray:
     return grad
 
 
+def _mixup(rng, n, k):
+    a, b = rng.integers(0, k, n), rng.integers(0, k, n)
+    lam = rng.uniform(0.2, 0.8, size=(n, 1))
+    return lam * np.eye(k)[a] + (1 - lam) * np.eye(k)[b]
+
+
 @pytest.mark.parametrize('branch', ['cpu', 'default'])
 @pytest.mark.parametrize('shape', [(12, 4, 3), (6, 20, 3)])  # soft path: covariance and Gram forms
 @pytest.mark.parametrize('name', CLASS_WISE)
@@ -211,9 +218,8 @@ def test_mixup_and_smoothed_weights_match_a_float64_weighted_reference(name, sha
     n, i, k = shape
     rng = np.random.default_rng(5)
     x = rng.normal(size=(n, i)).astype(np.float32)
-    a, b = rng.integers(0, k, n), rng.integers(0, k, n)
-    lam = rng.uniform(0.2, 0.8, size=(n, 1))
-    mixup = (lam * np.eye(k)[a] + (1 - lam) * np.eye(k)[b]).astype(np.float32)
+    a = rng.integers(0, k, n)
+    mixup = _mixup(rng, n, k).astype(np.float32)
     smoothed = (0.9 * np.eye(k)[a] + 0.1 / k).astype(np.float32)
     for weights in (mixup, smoothed):
         with _branch(branch):
@@ -229,6 +235,44 @@ def test_weighted_statistics_reduce_to_the_paper_for_one_hot_rows():
     for name in CLASS_WISE:
         np.testing.assert_allclose(
             _weighted_reference(name, x, one_hot), ref.VALUES[name](x, one_hot), rtol=1e-12
+        )
+
+
+@pytest.mark.parametrize('shape', [(8, 3, 2), (4, 12, 2)])  # covariance and Gram forms
+@pytest.mark.parametrize('name', CLASS_WISE)
+def test_mixup_weights_higher_derivatives_match_finite_differences(name, shape):
+    """Second derivatives differentiate the statistic itself, so they go through the hard/soft choice's own
+    rule: they must be the weighted statistic's, not the ids' path's (float64 central differences)."""
+    n, i, k = shape
+    rng = np.random.default_rng(11)
+    x, weights = rng.normal(size=(n, i)), _mixup(rng, n, k)
+    with jax.enable_x64(True):
+        w64 = jnp.asarray(weights, jnp.float64)
+        f = jax.jit(lambda a: getattr(penalties, name)(a, w64))
+        if f(jnp.asarray(x, jnp.float64)).dtype != jnp.float64:
+            pytest.skip('no float64 on this platform')
+        check_grads(
+            f, (jnp.asarray(x, jnp.float64),), order=2, modes=['fwd', 'rev'], eps=1e-6, atol=1e-7, rtol=1e-7
+        )
+
+
+@pytest.mark.parametrize('name', CLASS_WISE)
+def test_vmap_over_hard_and_soft_label_batches_equals_each_alone(name):
+    """Under vmap one member with mixup weights sends the whole batch down the weighted path: the member
+    with one-hot rows must still get its own (hard) value and gradient."""
+    n, i, k = 12, 5, 3
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(2, n, i)).astype(np.float32)
+    labels = np.stack([np.eye(k)[rng.integers(0, k, n)], _mixup(rng, n, k)]).astype(np.float32)
+    fn = jax.value_and_grad(getattr(penalties, name))
+    values, grads = jax.jit(jax.vmap(fn))(jnp.asarray(x), jnp.asarray(labels))
+    for member in range(2):
+        expected = _weighted_reference(name, x[member], labels[member])
+        expected_grad = _central_differences(
+            lambda z: _weighted_reference(name, z, labels[member]), x[member]
+        )
+        _assert_close(
+            float(values[member]), np.asarray(grads[member]), expected, expected_grad, f'member {member}'
         )
 
 
