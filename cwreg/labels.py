@@ -132,8 +132,8 @@ def as_labels(
 
 def are_hard(labels: Labels, axis_name: AxisName) -> Array:
     """Whether every weight row is one-hot or zero, on all devices (so every device takes one branch)."""
-    w = labels.weights
-    hard = jnp.all((w == 0) | (w == 1)) & jnp.all(jnp.sum(w, axis=1) <= 1)
+    # ids are each row's argmax (K for rows without a positive weight): a row is hard iff it is their one-hot.
+    hard = jnp.all(labels.weights == one_hot(labels.ids, labels.weights.shape[1], labels.weights.dtype))
     if axis_name is None:
         return hard
     return lax.pmin(hard.astype(jnp.int32), axis_name) > 0

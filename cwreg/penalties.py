@@ -107,6 +107,10 @@ from cwreg.labels import AxisName, axis_size, pmax, psum
 Array = jax.Array
 PrecisionLike = Any
 
+# A form's (value, gradient or None), whether those may be off (a scalar bool, or None where they never
+# are), and the robust recomputation for that case.
+_Form = tuple[tuple[Array, Optional[Array]], Optional[Array], Optional[Callable[[Any], Any]]]
+
 DEFAULT_PRECISION = lax.Precision.HIGHEST
 GRAD_REDUCTIONS = ('pmean', 'psum')
 
@@ -161,30 +165,41 @@ def _any_in_batch_vmap(axis_size, in_batched, flag):
     return (_any_in_batch(jnp.any(flag)) if in_batched[0] else flag), False
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _usual_unless(usual: Callable[..., Any], rare: Callable[..., Any], take_rare: Array, *operands) -> Any:
-    """``rare(*operands)`` where the scalar ``take_rare`` holds, else ``usual(*operands)`` (same numbers).
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _usual_unless(usual: Callable[..., Any], *operands) -> Any:
+    """``result`` or, where ``take_rare`` holds, ``robust(result)``, of ``usual(*operands)``'s triple.
 
-    This is ``lax.cond(take_rare, rare, usual, *operands)`` without the conditional in the usual case:
-    XLA:CPU splits large loops into parallel tasks in the entry computation, while bodies and calls, never
-    in a conditional's branches (its ParallelTaskAssigner), so the ids' path ran 1.3-1.4× slower for one-hot
-    float labels inside one at 65,536 units. ``usual`` runs unconditionally; ``rare`` runs in a while loop
-    of 0 or 1 trips whose carry starts as usual's result (no copy, no zeros), so where it is taken usual's
-    work is wasted. Reverse mode cannot differentiate a while loop: derivatives are those of ``lax.cond``,
-    for every order (first derivatives of a penalty evaluate this on primal values, in Table 1's rule).
+    ``robust`` computes the same numbers for rare inputs (soft labels; values that overflowed or may have
+    cancelled). This is ``lax.cond(take_rare, robust, lambda r: r, result)`` without a conditional around the
+    usual case: XLA:CPU splits large loops into parallel tasks in the entry computation, while bodies and
+    calls, never in a conditional's branches (its ParallelTaskAssigner), and the ids' path ran 1.3-1.4×
+    slower for one-hot float labels inside one at 65,536 units. ``robust`` runs in a while loop of 0 or 1
+    trips whose carry starts as usual's result (no copy, no zeros). One such loop per penalty: a conditional
+    or loop costs XLA:CPU about as much as several fused loops at small sizes. Reverse mode cannot
+    differentiate a while loop: derivatives are those of ``lax.cond``, for every order (first derivatives of
+    a penalty evaluate this on primal values, in Table 1's rule).
     """
+    result, take_rare, robust = usual(*operands)
 
-    def replace(carry):
-        return jnp.zeros((), bool), rare(*operands)
+    def replace(carry):  # robust takes the carry: a closure over result would copy it
+        return jnp.zeros((), bool), robust(carry[1])
 
-    return lax.while_loop(lambda carry: carry[0], replace, (take_rare, usual(*operands)))[1]
+    return lax.while_loop(lambda carry: carry[0], replace, (_any_in_batch(take_rare), result))[1]
 
 
 @_usual_unless.defjvp
-def _usual_unless_jvp(usual, rare, primals, tangents):
-    take_rare, *operands = primals
-    branches = lambda *ops: lax.cond(take_rare, rare, usual, *ops)
-    return jax.jvp(branches, tuple(operands), tuple(tangents[1:]))
+def _usual_unless_jvp(usual, primals, tangents):
+    take_rare = _any_in_batch(usual(*primals)[1])
+    rare = lambda *ops: (lambda result, _, robust: robust(result))(*usual(*ops))
+    branches = lambda *ops: lax.cond(take_rare, rare, lambda *o: usual(*o)[0], *ops)
+    return jax.jvp(branches, tuple(primals), tuple(tangents))
+
+
+def _settled(result: Any, suspect: Optional[Array], robust: Optional[Callable[[Any], Any]]) -> Any:
+    """``result``, or ``robust(result)`` where ``suspect`` holds (a form's guard, for its rare inputs)."""
+    if suspect is None:
+        return result
+    return lax.cond(_any_in_batch(suspect), robust, lambda r: r, result)
 
 
 def _fixed_pow2(n: int) -> float:
@@ -368,9 +383,7 @@ def _variance_value(members, x: Array, inv_counts: Array, axis_name: AxisName, d
     return (jnp.sum(per_class * inv_counts) / divisor) * shrink
 
 
-def _variance_sum(
-    members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool
-) -> tuple[Array, Optional[Array]]:
+def _variance_sum(members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool) -> _Form:
     """Σ_k Σ_i v^k_i / divisor and, if asked, its gradient 2 w_nk/W_k (z_n − μ^k) / divisor.
 
     The gradient has no μ terms: the means' share of it is −2/W_k Σ_n w_nk (z_n − μ^k) = 0.
@@ -378,19 +391,18 @@ def _variance_sum(
     means, inv_counts = _class_means(members, z, axis_name)
     centred = members.centre(z, means)
     value = _variance_value(members, centred, inv_counts, axis_name, divisor)
+    grad = members.scale_rows((2.0 / divisor) * inv_counts, centred) if with_gradient else None
 
-    def rescaled():
+    def rescaled(current):
         # ‖x_n‖² of entries near 1e19 overflow where the statistic, a mean, need not: computed again from
         # x / max|x|, exact to rounding. Recomputing x here keeps it fused into its consumers above.
         x = members.centre(z, means)
         unit = _pow2_scale(pmax(jnp.max(jnp.abs(x)), axis_name))
-        return (_variance_value(members, x * (1.0 / unit), inv_counts, axis_name, divisor) * unit) * unit
+        value = (_variance_value(members, x * (1.0 / unit), inv_counts, axis_name, divisor) * unit) * unit
+        return value, current[1]
 
     # inf, or NaN where a product with one-hot rows met inf. The value is global: one branch on all devices.
-    value = lax.cond(_any_in_batch(~jnp.isfinite(value)), rescaled, lambda: value)
-    if not with_gradient:
-        return value, None
-    return value, members.scale_rows((2.0 / divisor) * inv_counts, centred)
+    return (value, grad), ~jnp.isfinite(value), rescaled
 
 
 def use_gram_form(num_samples: int, num_units: int, num_classes: int) -> bool:
@@ -415,7 +427,7 @@ def _off_diagonal_mask(num_units: int, dtype) -> Array:
 
 def _off_diagonal_by_covariance(
     members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool
-) -> tuple[Array, Optional[Array]]:
+) -> _Form:
     """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from per-class covariances (no cancellation), and its gradient.
 
     The gradient (4 w_nk/W_k) Σ_{j≠i} c^k_ij (z_jn − μ^k_j) / divisor has no μ terms: each class's gradient is a
@@ -427,9 +439,8 @@ def _off_diagonal_by_covariance(
     scale = _pow2_scale(jnp.max(jnp.abs(off_diagonal)))  # Squares of entries near 1e19 would overflow.
     shrunk = off_diagonal * (1.0 / scale)
     value = (jnp.sum(shrunk * shrunk) / divisor) * scale * scale
-    if not with_gradient:
-        return value, None
-    return value, members.apply((4.0 / divisor) * inv_counts, off_diagonal, centred)
+    grad = members.apply((4.0 / divisor) * inv_counts, off_diagonal, centred) if with_gradient else None
+    return (value, grad), None, None
 
 
 def use_exact_fallback(num_samples: int, num_units: int, num_classes: int) -> bool:
@@ -463,8 +474,8 @@ def _class_by_class(
 ):
     """Σ_k fn for class k alone, as one weighted class (weights[:, k]): exact for any weights."""
     z = jnp.where(jnp.any(weights > 0, axis=1, keepdims=True), z, 0)  # rows of no class may hold NaN
-    one_class = lambda w: fn(
-        _OneClass(w, z.shape[0], z.dtype, precision), z, axis_name, divisor, with_gradient
+    one_class = lambda w: _settled(
+        *fn(_OneClass(w, z.shape[0], z.dtype, precision), z, axis_name, divisor, with_gradient)
     )
     return _sum_over_classes(one_class, weights)
 
@@ -475,7 +486,7 @@ def _off_diagonal_class_by_class(
     """The covariance form with one class's I×I temporaries at a time (the K-fold ones of the one-hot
     product slowed the Gram form beside it, as an untaken branch, by 1.6–1.7×)."""
     if members.num_classes == 1:
-        return _off_diagonal_by_covariance(members, z, axis_name, divisor, with_gradient)
+        return _off_diagonal_by_covariance(members, z, axis_name, divisor, with_gradient)[0]
     return _class_by_class(
         _off_diagonal_by_covariance,
         members.class_weights(),
@@ -489,7 +500,7 @@ def _off_diagonal_class_by_class(
 
 def _off_diagonal_by_gram(
     members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool, exact_fallback: bool = False
-) -> tuple[Array, Optional[Array]]:
+) -> _Form:
     """Σ_k Σ_{i≠j} (c^k_ij)² / divisor from same-class entries of the Gram matrix, and its gradient.
 
     ‖C_k‖²_F = (1/W_k²) Σ_{n,m} w_nk w_mk ⟨x_n, x_m⟩² with x the class-centred activations; the diagonal
@@ -520,11 +531,10 @@ def _off_diagonal_by_gram(
         pairs = jnp.matmul(weighted, others, precision=members.precision) * scale
         grad = (4.0 / divisor) * (pairs - members.scale_rows(inv_counts[:, None] * variances, centred))
     if not exact_fallback:
-        return value, grad
+        return (value, grad), None, None
     trust = _GRAM_TRUST * gram_form_error_bound(z.shape[1], z.dtype)
-    cancelled = _any_in_batch(difference < trust * frobenius)
-    exact = lambda: _off_diagonal_class_by_class(members, z, axis_name, divisor, with_gradient)
-    return lax.cond(cancelled, exact, lambda: (value, grad))
+    exact = lambda _: _off_diagonal_class_by_class(members, z, axis_name, divisor, with_gradient)
+    return (value, grad), difference < trust * frobenius, exact
 
 
 def _statistic(
@@ -546,34 +556,48 @@ def _statistic(
     """
     num_samples, num_units = z.shape[0] * axis_size(axis_name), z.shape[1]
 
-    def form(classes: int):
+    def form(classes: int) -> tuple[Callable[..., _Form], bool]:
+        """The form for ``classes`` classes, and whether it flags inputs it may get wrong."""
         if kind == 'variance':
-            return _variance_sum
+            return _variance_sum, True
         if not use_gram_form(num_samples, num_units, classes):
-            return _off_diagonal_by_covariance
+            return _off_diagonal_by_covariance, False
         exact = use_exact_fallback(num_samples, num_units, classes)
-        return functools.partial(_off_diagonal_by_gram, exact_fallback=exact)
+        return functools.partial(_off_diagonal_by_gram, exact_fallback=exact), exact
 
     def run(fn, members, z):
         return fn(members, z, axis_name, divisor, with_gradient)
 
-    if one_class:
-        weights = arrays.get('weights')
-        if weights is not None:  # Masked rows may hold anything (even NaN): the products must not see them.
-            z = jnp.where(weights[:, None] > 0, z, 0)
-        return run(form(1), _OneClass(weights, z.shape[0], z.dtype, precision), z)
+    def members(arrays, z):
+        if one_class:
+            return _OneClass(arrays.get('weights'), z.shape[0], z.dtype, precision)
+        return _HardClasses(arrays['ids'], num_classes, z.dtype, precision)
 
-    def hard(z, arrays):
-        return run(form(num_classes), _HardClasses(arrays['ids'], num_classes, z.dtype, precision), z)
+    def masked(z, arrays):  # Masked rows may hold anything (even NaN): the products must not see them.
+        weights = arrays.get('weights') if one_class else None
+        return z if weights is None else jnp.where(weights[:, None] > 0, z, 0)
 
-    def soft(z, arrays):
-        # Each class is one weighted class, centred at its own mean (exact, K times the work of hard labels).
-        return _class_by_class(form(1), arrays['weights'], z, axis_name, divisor, with_gradient, precision)
+    classes = 1 if one_class else num_classes
+    soft_labels = not one_class and 'weights' in arrays
+    fn, guarded = form(classes)
 
-    if 'weights' not in arrays:
-        return hard(z, arrays)
-    # Float labels: one-hot and zero rows take the ids' path, other rows the weighted one (K times the work).
-    return _usual_unless(hard, soft, _any_in_batch(~arrays['hard']), z, arrays)
+    def usual(z, arrays):
+        result, suspect, exact = run(fn, members(arrays, z), masked(z, arrays))
+        settled = lambda current: _settled(current, suspect, exact)
+        if not soft_labels:
+            return result, suspect, settled
+        # Float labels: one-hot and zero rows take the ids' path, others the weighted one (exact, K times the
+        # work: each class is one weighted class, centred at its own mean).
+        not_hard = _any_in_batch(~arrays['hard'])
+        soft = lambda _: _class_by_class(
+            form(1)[0], arrays['weights'], z, axis_name, divisor, with_gradient, precision
+        )
+        take_rare = not_hard if suspect is None else not_hard | suspect
+        return result, take_rare, lambda current: lax.cond(not_hard, soft, settled, current)
+
+    if not (soft_labels or guarded):
+        return usual(z, arrays)[0]
+    return _usual_unless(usual, z, arrays)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3))

@@ -1,8 +1,35 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and one persistent JAX compilation cache for the whole run."""
 
+import fcntl
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
+
+# Many tests compile the same programs (the trainer's small configs, the launch scripts' subprocesses):
+# a cache shared by this run's processes (pytest-xdist workers and their subprocesses inherit the
+# variable) compiles each once; tests/test_faults.py and tests/test_dropout_bn.py took 295 s without it,
+# 195 s with it. Entries are keyed by program, options and versions; an unreadable entry is recompiled
+# with a warning (JAX's behaviour), and only process 0 of a multi-process run writes. A directory given
+# in JAX_COMPILATION_CACHE_DIR is used and kept; otherwise a fresh one is removed at the end of the run.
+_OWN_CACHE = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _OWN_CACHE:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='cwreg-jax-cache-')
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
+if 'jax' in sys.modules:  # imported before this file (by a plugin): its config has read the environment
+    _jax = sys.modules['jax']
+    _jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+    _jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+    _jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE and not hasattr(config, 'workerinput'):  # the controller (or the only process)
+        shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+
 
 # The original files sit in shared/data beside the checkout (as in CI); CWREG_SHARED_DATA overrides.
 SHARED_DATA = os.environ.get(
@@ -15,22 +42,35 @@ CIFAR10_PARTIAL_SOURCE_DIR = os.path.join(SHARED_DATA, 'cifar10-partial', 'cifar
 
 @pytest.fixture(scope='session')
 def real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A TFDS data_dir with the REAL `mnist` and `cifar10_partial` prepared, once per session.
+    """A TFDS data_dir with the REAL `mnist` and `cifar10_partial` prepared, once per run.
 
-    Load from it with `cwreg.training.data.load_dataset(name, data_dir=real_data_dir)`. Preparing takes
-    ~20-30 s on 2 cores; skipped where the original files are absent.
+    Load from it with `cwreg.training.data.load_dataset(name, data_dir=real_data_dir)`; copy it before
+    changing anything in it. pytest-xdist workers share it: the first prepares it (~30 s on 2 cores) and
+    fills its decoded-array caches while the others wait, so that later loads only read. Skipped where the
+    original files are absent.
     """
     for source in (MNIST_SOURCE_DIR, CIFAR10_PARTIAL_SOURCE_DIR):
         if not os.path.isdir(source):
             if os.environ.get('CI'):  # CI has shared/ beside the checkout: a missing copy is a failure there.
                 pytest.fail(f'real data not found: {source}')
             pytest.skip(f'real data not available: {source}')
-    from cwreg.training import prepare  # pylint: disable=g-import-not-at-top
+    from cwreg.training import data, prepare  # pylint: disable=g-import-not-at-top
 
-    data_dir = str(tmp_path_factory.mktemp('tfds_data'))
-    prepare.prepare_dataset('mnist', source_dir=MNIST_SOURCE_DIR, data_dir=data_dir)
-    prepare.prepare_dataset('cifar10_partial', source_dir=CIFAR10_PARTIAL_SOURCE_DIR, data_dir=data_dir)
-    return data_dir
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # the run's directory, above each worker's own
+    data_dir, done = root / 'real_tfds_data', root / 'real_tfds_data.done'
+    with open(root / 'real_tfds_data.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            prepare.prepare_dataset('mnist', source_dir=MNIST_SOURCE_DIR, data_dir=str(data_dir))
+            prepare.prepare_dataset(
+                'cifar10_partial', source_dir=CIFAR10_PARTIAL_SOURCE_DIR, data_dir=str(data_dir)
+            )
+            for name in ('mnist', 'cifar10_partial'):
+                data.load_dataset(name, data_dir=str(data_dir))
+            done.touch()
+    return str(data_dir)
 
 
 # Too slow for the fast subset (`python -m pytest -m "not slow"`, the README's quick check): CI's full
@@ -89,6 +129,11 @@ _SLOW_PREFIXES = (
 _BOUNDS_PREFIXES = ('tests/test_multidevice.py',)
 
 
+def _uses_module_fixture(item) -> bool:
+    fixture_defs = getattr(getattr(item, '_fixtureinfo', None), 'name2fixturedefs', {})
+    return any(defs and defs[-1].scope in ('module', 'package') for defs in fixture_defs.values())
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     del config
@@ -97,3 +142,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if item.nodeid.startswith(_BOUNDS_PREFIXES):
             item.add_marker(pytest.mark.bounds)
+        # Under `--dist loadgroup` (the README's command) tests are spread one by one, except that a file's
+        # tests sharing a module-scoped fixture (a 90 s multi-device subprocess, a trained run) stay on one
+        # worker, which computes the fixture once.
+        if _uses_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split('::')[0]))

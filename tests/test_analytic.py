@@ -196,7 +196,10 @@ def test_check_grads_f64_if_supported(name, shape, num_classes):
         y64 = jnp.asarray(y, jnp.float64)
         f = jax.jit(lambda a: getattr(penalties, name)(a, y64))
         order = 1 if name == 'l1r' else 3
-        check_grads(f, (x64,), order=order, modes=['fwd', 'rev'], eps=1e-6, atol=1e-7, rtol=1e-7)
+        # Each mode to order 3 on its own: mixing them (modes=['fwd', 'rev']) also checks all 8 fwd/rev
+        # chains of order 3, compositions of the same rules, at 4× the time (39 s vs 15 s for cw_cr-gram).
+        for mode in ('fwd', 'rev'):
+            check_grads(f, (x64,), order=order, modes=[mode], eps=1e-6, atol=1e-7, rtol=1e-7)
 
 
 @pytest.mark.parametrize(
