@@ -323,6 +323,9 @@ class _OneClass:
         return None if self.weights is None else self.weights > 0
 
     def sums(self, values: Array) -> Array:
+        if self.weights is not None:  # Rows of weight 0 may hold anything (even NaN): keep them out.
+            valid = self.valid().reshape(self.valid().shape + (1,) * (values.ndim - 1))
+            values = jnp.where(valid, values, 0)
         # A product with the column, not jnp.sum: XLA:CPU's leading-axis sums of wide arrays are slow.
         return jnp.tensordot(self._column().T, values, axes=1, precision=self.precision)
 
@@ -472,8 +475,12 @@ def _sum_over_classes(one_class: Callable[[Array], Any], weights: Array) -> Any:
 def _class_by_class(
     fn, weights: Array, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool, precision
 ):
-    """Σ_k fn for class k alone, as one weighted class (weights[:, k]): exact for any weights."""
-    z = jnp.where(jnp.any(weights > 0, axis=1, keepdims=True), z, 0)  # rows of no class may hold NaN
+    """Σ_k fn for class k alone, as one weighted class (weights[:, k]): exact for any weights.
+
+    z is not masked here: each class masks its own rows (``_OneClass``), so no masked copy of z stays live
+    beside each class's centred one (two N×I temporaries made the program's buffer exceed glibc's 32 MB mmap
+    threshold at 65,536 units, and every call then faulted its pages in again: one-hot cw-VR ran 1.28×).
+    """
     one_class = lambda w: _settled(
         *fn(_OneClass(w, z.shape[0], z.dtype, precision), z, axis_name, divisor, with_gradient)
     )

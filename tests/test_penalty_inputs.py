@@ -616,3 +616,26 @@ def test_gram_form_gradient_survives_a_value_rounded_to_zero():
     )
     _, grad = _value_and_grad('cr', z.astype(np.float32))
     assert np.all(grad[:, 1] != 0)  # the off-diagonal pull on the small unit
+
+
+@pytest.mark.parametrize('name', ['cw_cr', 'cw_vr'])
+@pytest.mark.parametrize('units', [6, 40])  # covariance and Gram forms
+def test_mixup_rows_beside_nan_padding_give_the_unpadded_penalty(name, units):
+    # Padded rows hold NaN; they are out through all-zero weights and through `where`. The weighted path
+    # (one class at a time) must keep them out of every product, value and gradient alike.
+    rng = np.random.default_rng(21)
+    n, pad, k = 12, 4, 3
+    x = rng.normal(size=(n + pad, units)).astype(np.float32)
+    x[n:] = np.nan
+    weights = np.concatenate([_mixup(rng, n, k), np.zeros((pad, k))]).astype(np.float32)
+    expected = _weighted_reference(name, x[:n], weights[:n])
+    fn = getattr(penalties, name)
+    for labels, where in (
+        (weights, None),
+        (np.where(np.arange(n + pad)[:, None] < n, weights, 1.0), np.arange(n + pad) < n),
+    ):
+        value, grad = jax.jit(jax.value_and_grad(lambda a: fn(a, labels.astype(np.float32), where=where)))(
+            jnp.asarray(x)
+        )
+        np.testing.assert_allclose(float(value), expected, rtol=1e-4)
+        assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.asarray(grad)[n:] == 0)
