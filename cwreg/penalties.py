@@ -190,7 +190,11 @@ def _usual_unless(usual: Callable[..., Any], *operands) -> Any:
 @_usual_unless.defjvp
 def _usual_unless_jvp(usual, primals, tangents):
     take_rare = _any_in_batch(usual(*primals)[1])
-    rare = lambda *ops: (lambda result, _, robust: robust(result))(*usual(*ops))
+
+    def rare(*ops):
+        result, _, robust = usual(*ops)
+        return robust(result)
+
     branches = lambda *ops: lax.cond(take_rare, rare, lambda *o: usual(*o)[0], *ops)
     return jax.jvp(branches, tuple(primals), tuple(tangents))
 
@@ -324,8 +328,7 @@ class _OneClass:
 
     def sums(self, values: Array) -> Array:
         if self.weights is not None:  # Rows of weight 0 may hold anything (even NaN): keep them out.
-            valid = self.valid().reshape(self.valid().shape + (1,) * (values.ndim - 1))
-            values = jnp.where(valid, values, 0)
+            values = jnp.where(_HardClasses._expand(self.valid(), values), values, 0)
         # A product with the column, not jnp.sum: XLA:CPU's leading-axis sums of wide arrays are slow.
         return jnp.tensordot(self._column().T, values, axes=1, precision=self.precision)
 

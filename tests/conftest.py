@@ -19,7 +19,7 @@ if _OWN_CACHE:
     os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='cwreg-jax-cache-')
     os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
     os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
-if 'jax' in sys.modules:  # imported before this file (by a plugin): its config has read the environment
+if _OWN_CACHE and 'jax' in sys.modules:  # imported before this file (by a plugin): it read the environment
     _jax = sys.modules['jax']
     _jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
     _jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
