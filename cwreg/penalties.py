@@ -508,6 +508,99 @@ def _off_diagonal_class_by_class(
     )
 
 
+class _CentredRows:
+    """Products of the class-centred rows x = ``members.centre(z, means)`` with those of all devices."""
+
+    def __init__(self, members, z: Array, means: Array, axis_name: AxisName):
+        self.members = members
+        self.x = members.centre(z, means)
+        self.others = self.x if axis_size(axis_name) == 1 else lax.all_gather(self.x, axis_name, tiled=True)
+
+    def centred(self) -> Array:
+        return self.x
+
+    def gram_and_square_sums(self) -> tuple[Array, Array]:
+        """⟨x_n, x_m⟩ (N, M) for the M rows of all devices, and this device's per-class Σ_n w_nk x_n² (K, I)."""
+        gram = jnp.matmul(self.x, self.others.T, precision=self.members.precision)
+        return gram, self.members.sums(self.x * self.x)
+
+    def times(self, a: Array) -> Array:
+        """a @ (the M rows of all devices): (N, M) -> (N, I)."""
+        return jnp.matmul(a, self.others, precision=self.members.precision)
+
+
+def _fold_column_blocks(step: Callable[[Any, int, Any], Any], num_units: int, block: int, init: Any) -> Any:
+    """Folds ``step(start, size, carry)`` over blocks of ``block`` columns: the full ones in a loop, then the rest."""
+    full, rest = divmod(num_units, block)
+    carry = lax.fori_loop(0, full, lambda j, c: step(j * block, block, c), init)
+    return step(full * block, rest, carry) if rest else carry
+
+
+def _columns(a: Array, start, size: int) -> Array:
+    return lax.dynamic_slice_in_dim(a, start, size, axis=1)
+
+
+class _CentredRowsInBlocks(_CentredRows):
+    """The same products for one weighted class on one device, computed from z a block of columns at a time.
+
+    Whole rows keep two (N, I) temporaries live at once (x and a product's operand or output: dots fuse no
+    elementwise producer on XLA:CPU) beside the class sum of the weighted path's loop over classes. At
+    65,536 units that reserved 53 MB in every program with float labels, even where the path is never taken,
+    and above glibc's 32 MB mmap threshold every call faulted its pages in again (one-hot cw-CR ran 1.23× the
+    ids'). In blocks only the last product's output is (N, I); x is recomputed from z where it is used.
+    """
+
+    def __init__(self, members: '_OneClass', z: Array, inv_counts: Array, block: int):
+        self.members, self.z, self.block = members, z, block
+        add_sums = lambda start, size, sums: lax.dynamic_update_slice_in_dim(
+            sums, members.sums(_columns(z, start, size)), start, axis=1
+        )
+        sums = _fold_column_blocks(add_sums, z.shape[1], block, jnp.zeros((1, z.shape[1]), z.dtype))
+        self.means = sums * inv_counts[:, None]
+
+    def centred(self) -> Array:
+        return self.members.centre(self.z, self.means)  # Elementwise: fused into its consumers.
+
+    def _x(self, start, size: int) -> Array:
+        return self.members.centre(_columns(self.z, start, size), _columns(self.means, start, size))
+
+    def gram_and_square_sums(self) -> tuple[Array, Array]:
+        def step(start, size, carry):
+            gram, square_sums = carry
+            x = self._x(start, size)
+            gram = gram + jnp.matmul(x, x.T, precision=self.members.precision)
+            return gram, lax.dynamic_update_slice_in_dim(square_sums, self.members.sums(x * x), start, axis=1)
+
+        (n, i), dtype = self.z.shape, self.z.dtype
+        return _fold_column_blocks(step, i, self.block, (jnp.zeros((n, n), dtype), jnp.zeros((1, i), dtype)))
+
+    def times(self, a: Array) -> Array:
+        def step(start, size, out):
+            product = jnp.matmul(a, self._x(start, size), precision=self.members.precision)
+            return lax.dynamic_update_slice_in_dim(out, product, start, axis=1)
+
+        return _fold_column_blocks(step, self.z.shape[1], self.block, jnp.zeros(self.z.shape, self.z.dtype))
+
+
+#: Column blocks of _CentredRowsInBlocks hold about this many elements (4 MiB of float32).
+COLUMN_BLOCK_ELEMENTS = 2**18
+
+
+def _centred_rows(members, z: Array, axis_name: AxisName) -> tuple[_CentredRows, Array]:
+    """The class-centred rows of z and 1/W_k: whole, or in blocks of columns for one weighted class on one
+    device when z spans several blocks (the hard classes' x shares the gradient's buffer, so whole rows cost
+    them no second temporary)."""
+    num_samples, num_units = z.shape
+    block = max(128, 2 ** int(math.log2(max(COLUMN_BLOCK_ELEMENTS // num_samples, 1))))
+    weighted_class = isinstance(members, _OneClass) and members.weights is not None
+    if weighted_class and axis_size(axis_name) == 1 and num_units > block:
+        counts = members.counts(axis_name)
+        inv_counts = 1.0 / jnp.where(counts > 0, counts, 1.0)
+        return _CentredRowsInBlocks(members, z, inv_counts, block), inv_counts
+    means, inv_counts = _class_means(members, z, axis_name)
+    return _CentredRows(members, z, means, axis_name), inv_counts
+
+
 def _off_diagonal_by_gram(
     members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool, exact_fallback: bool = False
 ) -> _Form:
@@ -519,18 +612,14 @@ def _off_diagonal_by_gram(
     below 2·10⁴ B of the total, where that error could exceed 5e-5 of the result, is recomputed by the
     covariance form (a rare, costlier branch).
     """
-    centred, inv_counts = _class_centred(members, z, axis_name)
-    if axis_size(axis_name) == 1:
-        others, other_members = centred, members
-    else:
-        others = lax.all_gather(centred, axis_name, tiled=True)
-        other_members = members.gathered(axis_name)
-    gram = jnp.matmul(centred, others.T, precision=members.precision)
+    rows, inv_counts = _centred_rows(members, z, axis_name)
+    other_members = members if axis_size(axis_name) == 1 else members.gathered(axis_name)
+    gram, square_sums = rows.gram_and_square_sums()
     # One power of 2 for every device: the difference below compares global sums.
     scale = _pow2_scale(pmax(jnp.max(jnp.abs(gram)), axis_name))
     weighted = members.pair_weights(inv_counts * inv_counts, other_members) * (gram * (1.0 / scale))
     frobenius = psum(jnp.sum(weighted * (gram * (1.0 / scale))), axis_name)
-    variances = psum(members.sums(centred * centred), axis_name) * inv_counts[:, None]
+    variances = psum(square_sums, axis_name) * inv_counts[:, None]
     shrunk_variances = variances * (1.0 / scale)
     difference = frobenius - jnp.sum(shrunk_variances * shrunk_variances)
     # A sum of squares: a rounded difference below 0 is clamped; the gradient stays Table 1's.
@@ -538,8 +627,8 @@ def _off_diagonal_by_gram(
     grad = None
     if with_gradient:
         # ∂/∂x_n = 4 Σ_m a_nm ⟨x_n, x_m⟩ x_m − 4 (w_nk c^k_ii / W_k)_i ∘ x_n.
-        pairs = jnp.matmul(weighted, others, precision=members.precision) * scale
-        grad = (4.0 / divisor) * (pairs - members.scale_rows(inv_counts[:, None] * variances, centred))
+        pairs = rows.times(weighted) * scale
+        grad = (4.0 / divisor) * (pairs - members.scale_rows(inv_counts[:, None] * variances, rows.centred()))
     if not exact_fallback:
         return (value, grad), None, None
     trust = _GRAM_TRUST * gram_form_error_bound(z.shape[1], z.dtype)

@@ -392,10 +392,10 @@ def _numeric_cases(i_over_n: bool):
             yield name, 'nearly decorrelated', z, d_ids, k
 
 
-def _check_bounds(name, z, ids, k, value_bound, small_bound):
+def _check_bounds(name, z, ids, k, value_bound, small_bound, **kwargs):
     z32 = np.asarray(z, np.float32)
     labels = np.eye(k)[ids]
-    value, grad = _value_and_grad(name, z32, labels.astype(np.float32) if name == 'cw_cr' else None)
+    value, grad = _value_and_grad(name, z32, labels.astype(np.float32) if name == 'cw_cr' else None, **kwargs)
     expected, expected_grad, total, total_grad = _float64_parts(name, z32, labels)
     assert np.isfinite(value) and np.all(np.isfinite(grad))
     if value_bound is not None and expected >= 1e-3 * total:
@@ -430,6 +430,19 @@ def test_gram_form_meets_its_stated_bound(case):
     assert penalties.use_gram_form(n, i, k)
     # The Gram form's bound is relative to the total Σ_k ‖C_k‖²_F whatever the off-diagonal share.
     _check_bounds(name, z, ids, k, value_bound=None, small_bound=penalties.gram_form_error_bound(i))
+
+
+@pytest.mark.parametrize(
+    'case',
+    [c for c in _numeric_cases(i_over_n=True) if c[0] == 'cr' and c[2].shape[1] > 128],
+    ids=lambda c: f'{c[2].shape}-{c[1]}',
+)
+def test_gram_form_meets_its_stated_bound_in_column_blocks(case, monkeypatch):
+    # CR with `where` is one weighted class: its Gram products are summed over blocks of 128 columns.
+    name, _, z, ids, k = case
+    monkeypatch.setattr(penalties, 'COLUMN_BLOCK_ELEMENTS', 128 * z.shape[0])
+    where = jnp.ones(z.shape[0], bool)
+    _check_bounds(name, z, ids, k, None, penalties.gram_form_error_bound(z.shape[1]), where=where)
 
 
 def _decorrelated_low_rank(n, i, k, rng):
@@ -639,3 +652,43 @@ def test_mixup_rows_beside_nan_padding_give_the_unpadded_penalty(name, units):
         )
         np.testing.assert_allclose(float(value), expected, rtol=1e-4)
         assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.asarray(grad)[n:] == 0)
+
+
+def _weighted_cw_cr_jnp(z, w):
+    """The float64 weighted reference above for cw_cr (CR: one class of weights w), in jnp for jax.grad."""
+    total = 0.0
+    for k in range(w.shape[1]):
+        weight = jnp.sum(w[:, k])
+        centred = z - (w[:, k] @ z) / weight
+        covariance = (w[:, k, None] * centred).T @ centred / weight
+        total = total + jnp.sum(covariance**2) - jnp.sum(jnp.diag(covariance) ** 2)
+    return total / (w.shape[1] * z.shape[1] * (z.shape[1] - 1))
+
+
+@pytest.mark.parametrize('units', [256, 300])  # 2 blocks of 128 columns; and a rest of 44
+@pytest.mark.parametrize('name', ['cw_cr', 'cr'])
+def test_column_blocks_of_one_weighted_class_match_a_float64_reference(name, units, monkeypatch):
+    # One weighted class on one device (the weighted path of float labels; CR with `where`) computes the
+    # Gram form's products a block of columns at a time. Padded rows hold NaN and are out by weight 0.
+    n, pad, k = 12, 4, 3
+    monkeypatch.setattr(penalties, 'COLUMN_BLOCK_ELEMENTS', 128 * (n + pad))
+    rng = np.random.default_rng(22)
+    x = (rng.normal(size=(n + pad, units)) + rng.normal(size=(1, units))).astype(np.float32)
+    x[n:] = np.nan
+    where = np.arange(n + pad) < n
+    if name == 'cw_cr':
+        labels = np.concatenate([_mixup(rng, n, k), np.zeros((pad, k))])
+        weights = labels[:n]
+        fn = lambda a: penalties.cw_cr(a, jnp.asarray(labels, jnp.float32))
+    else:
+        weights = np.ones((n, 1))
+        fn = lambda a: penalties.cr(a, where=where)
+    members = penalties._OneClass(jnp.asarray(where, jnp.float32), n + pad, jnp.float32, None)
+    rows, _ = penalties._centred_rows(members, jnp.asarray(x), None)
+    assert isinstance(rows, penalties._CentredRowsInBlocks)
+    value, grad = jax.jit(jax.value_and_grad(fn))(jnp.asarray(x))
+    with jax.enable_x64(True):
+        z64, w64 = jnp.asarray(x[:n], jnp.float64), jnp.asarray(weights, jnp.float64)
+        expected, expected_grad = jax.value_and_grad(_weighted_cw_cr_jnp)(z64, w64)
+    _assert_close(float(value), np.asarray(grad)[:n], float(expected), np.asarray(expected_grad))
+    assert np.all(np.asarray(grad)[n:] == 0)
