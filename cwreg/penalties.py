@@ -367,10 +367,15 @@ class _OneClass:
 # Statistics: the global-batch value and, if asked, Table 1's gradient for this device's z.
 
 
-def _class_means(members, z: Array, axis_name: AxisName) -> tuple[Array, Array]:
-    """μ^k (K, I) and 1/W_k (0-safe: an empty class has no members, and its mean is 0)."""
+def _inverse_counts(members, axis_name: AxisName) -> Array:
+    """1/W_k, 0-safe: an empty class has no members, and its mean is 0."""
     counts = members.counts(axis_name)
-    inv_counts = 1.0 / jnp.where(counts > 0, counts, 1.0)
+    return 1.0 / jnp.where(counts > 0, counts, 1.0)
+
+
+def _class_means(members, z: Array, axis_name: AxisName) -> tuple[Array, Array]:
+    """μ^k (K, I) and 1/W_k."""
+    inv_counts = _inverse_counts(members, axis_name)
     return psum(members.sums(z), axis_name) * inv_counts[:, None], inv_counts
 
 
@@ -540,14 +545,14 @@ def _columns(a: Array, start, size: int) -> Array:
     return lax.dynamic_slice_in_dim(a, start, size, axis=1)
 
 
-class _CentredRowsInBlocks(_CentredRows):
+class _CentredRowsInBlocks:
     """The same products for one weighted class on one device, computed from z a block of columns at a time.
 
     Whole rows keep two (N, I) temporaries live at once (x and a product's operand or output: dots fuse no
     elementwise producer on XLA:CPU) beside the class sum of the weighted path's loop over classes. At
     65,536 units that reserved 53 MB in every program with float labels, even where the path is never taken,
     and above glibc's 32 MB mmap threshold every call faulted its pages in again (one-hot cw-CR ran 1.23× the
-    ids'). In blocks only the last product's output is (N, I); x is recomputed from z where it is used.
+    baseline). In blocks only the last product's output is (N, I); x is recomputed from z where it is used.
     """
 
     def __init__(self, members: '_OneClass', z: Array, inv_counts: Array, block: int):
@@ -582,11 +587,12 @@ class _CentredRowsInBlocks(_CentredRows):
         return _fold_column_blocks(step, self.z.shape[1], self.block, jnp.zeros(self.z.shape, self.z.dtype))
 
 
-#: Column blocks of _CentredRowsInBlocks hold about this many elements (4 MiB of float32).
+#: Column blocks of _CentredRowsInBlocks hold about this many elements (1 MiB of float32). At (100, 65536)
+#: one-hot cw-CR's program reserved 28.9 MB with it (as with ids), 30.4 MB with 2**19 and 33.6 MB with 2**20.
 COLUMN_BLOCK_ELEMENTS = 2**18
 
 
-def _centred_rows(members, z: Array, axis_name: AxisName) -> tuple[_CentredRows, Array]:
+def _centred_rows(members, z: Array, axis_name: AxisName) -> tuple[Any, Array]:
     """The class-centred rows of z and 1/W_k: whole, or in blocks of columns for one weighted class on one
     device when z spans several blocks (the hard classes' x shares the gradient's buffer, so whole rows cost
     them no second temporary)."""
@@ -594,8 +600,7 @@ def _centred_rows(members, z: Array, axis_name: AxisName) -> tuple[_CentredRows,
     block = max(128, 2 ** int(math.log2(max(COLUMN_BLOCK_ELEMENTS // num_samples, 1))))
     weighted_class = isinstance(members, _OneClass) and members.weights is not None
     if weighted_class and axis_size(axis_name) == 1 and num_units > block:
-        counts = members.counts(axis_name)
-        inv_counts = 1.0 / jnp.where(counts > 0, counts, 1.0)
+        inv_counts = _inverse_counts(members, axis_name)
         return _CentredRowsInBlocks(members, z, inv_counts, block), inv_counts
     means, inv_counts = _class_means(members, z, axis_name)
     return _CentredRows(members, z, means, axis_name), inv_counts
@@ -651,7 +656,8 @@ def _statistic(
     """The statistic ``kind`` ('variance' or 'covariance') of z for the labels in ``arrays``.
 
     ``arrays`` holds 'weights' (N,) for one weighted class (``one_class``); 'ids' (N,) for integer labels;
-    or 'ids', 'weights' (N, K) and 'hard' for float labels, whose hard rows take the ids' path.
+    or 'ids', 'weights' (N, K) and 'soft' (some row neither one-hot nor zero) for float labels, whose hard
+    rows take the ids' path.
     """
     num_samples, num_units = z.shape[0] * axis_size(axis_name), z.shape[1]
 
@@ -687,7 +693,7 @@ def _statistic(
             return result, suspect, settled
         # Float labels: one-hot and zero rows take the ids' path, others the weighted one (exact, K times the
         # work: each class is one weighted class, centred at its own mean).
-        not_hard = _any_in_batch(~arrays['hard'])
+        not_hard = _any_in_batch(arrays['soft'])
         soft = lambda _: _class_by_class(
             form(1)[0], arrays['weights'], z, axis_name, divisor, with_gradient, precision
         )
@@ -796,7 +802,7 @@ def _penalty(
         read, num_classes = labels_lib.as_labels(labels, z.shape[0], num_classes, mask, name, z.dtype)
         arrays = {'ids': read.ids}
         if read.weights is not None:
-            arrays.update(weights=read.weights, hard=labels_lib.are_hard(read, axis_name))
+            arrays.update(weights=read.weights, soft=labels_lib.any_soft(read, axis_name))
     else:
         num_classes = 1
         arrays = {} if mask is None else {'weights': mask.astype(z.dtype)}

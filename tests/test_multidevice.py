@@ -26,6 +26,7 @@ process import JAX first, so the checks run in a subprocess (this file run as a 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -54,7 +55,10 @@ IDIOM_CHECKS = [
     for name in NAMES
 ]
 SHARDED_JIT_CHECKS = [f'sharded_jit_{types}/{name}' for types in ('auto', 'explicit') for name in NAMES]
-SOFT_CHECKS = [f'soft_weights_pmap/{name}' for name in CLASS_WISE]
+# Mixup rows on every device; and on device 0 only (every device must still take the weighted path).
+SOFT_CHECKS = [
+    f'{rows}_pmap/{name}' for rows in ('soft_weights', 'soft_rows_on_one_device') for name in CLASS_WISE
+]
 _RESULT_MARKER = 'MULTIDEVICE_RESULTS='
 _TIMEOUT_S = 300
 
@@ -234,11 +238,14 @@ def _soft_weight_checks(jax, jnp, np, penalties) -> dict:
     x = rng.normal(size=(n, 6)).astype(np.float32)
     lam = rng.uniform(0.2, 0.8, size=(n, 1))
     w = lam * np.eye(k)[rng.integers(0, k, n)] + (1 - lam) * np.eye(k)[rng.integers(0, k, n)]
-    w = w.astype(np.float32)
+    one_device = np.where(np.arange(n)[:, None] < n // NUM_DEVICES, w, np.eye(k)[rng.integers(0, k, n)])
     split = lambda a: a.reshape((NUM_DEVICES, -1) + a.shape[1:])
     results = {}
-    for name in CLASS_WISE:
-        key = f'soft_weights_pmap/{name}'
+    for (rows, w), name in itertools.product(
+        {'soft_weights': w, 'soft_rows_on_one_device': one_device}.items(), CLASS_WISE
+    ):
+        key = f'{rows}_pmap/{name}'
+        w = w.astype(np.float32)
         fn = getattr(penalties, name)
         try:
             value, grad = jax.value_and_grad(fn)(jnp.asarray(x), jnp.asarray(w))

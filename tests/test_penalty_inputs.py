@@ -103,6 +103,10 @@ def test_integer_ids_equal_one_hot_and_the_oracle(name, shape, branch):
         (np.array([[0.7, 0.3, 0], [0, 1, 0]]), False),  # mixup
         (np.array([[2.0, 0, 0], [0, 1, 0]]), False),  # not one-hot
         (np.array([[1.0, 1.0, 0], [0, 1, 0]]), False),  # two classes at weight 1
+        (np.array([[1.0, 1e-8, 0], [0, 1, 0]]), False),  # a weight that vanishes in a float32 row sum
+        (np.array([[-1.0, 0, 0], [0, 1, 0]]), False),  # negative
+        (np.array([[np.nan, 0, 0], [0, 1, 0]]), False),
+        (np.array([[1.0, np.nan, 0], [0, 1, 0]]), False),
     ],
 )
 def test_hard_rows_are_recognized(weights, hard):
@@ -110,7 +114,10 @@ def test_hard_rows_are_recognized(weights, hard):
     from cwreg import labels as labels_lib
 
     read, _ = labels_lib.as_labels(jnp.asarray(weights), len(weights), None, None, 'cw_vr', jnp.float32)
-    assert bool(labels_lib.are_hard(read, None)) == hard
+    assert bool(labels_lib.any_soft(read, None)) == (not hard)
+    if hard:  # each row's class, K for a zero row
+        expected = np.where(np.asarray(weights).sum(1) > 0, np.argmax(weights, 1), weights.shape[1])
+        np.testing.assert_array_equal(np.asarray(read.ids), expected)
 
 
 def _padded(x, ids, k, pad, fill):
