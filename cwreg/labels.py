@@ -132,8 +132,8 @@ def as_labels(
 
 
 def _read_rows(weights: Array) -> tuple[Array, Array]:
-    """Each row's class (its largest positive weight, the first of equal ones; K if none) and whether it is
-    neither one-hot nor zero, from one reduction over the rows.
+    """Each row's class (its largest positive weight, the first of equal ones; K for a zero row) and whether
+    it is neither one-hot nor zero, from one reduction over the rows.
 
     One reduction rather than an argmax, a comparison with its one-hot rows and their reductions: XLA:CPU
     runs each operation as a task of about 1 µs, and at 100×100 units those tasks made one-hot cw-VR 1.2× the
@@ -142,7 +142,8 @@ def _read_rows(weights: Array) -> tuple[Array, Array]:
     num_classes = weights.shape[1]
     positive = weights > 0
     largest = jnp.where(positive, weights, 0)
-    index = jnp.where(positive, lax.broadcasted_iota(jnp.int32, weights.shape, 1), num_classes)
+    # Any non-zero entry (negative or NaN too) gives its row a class: every soft row is then in one.
+    index = jnp.where(weights != 0, lax.broadcasted_iota(jnp.int32, weights.shape, 1), num_classes)
     nonzero = (weights != 0).astype(jnp.int32)  # NaN counts: its row is soft.
 
     def combine(a, b):
@@ -154,14 +155,6 @@ def _read_rows(weights: Array) -> tuple[Array, Array]:
     row_max, ids, nonzeros = lax.reduce((largest, index, nonzero), init, combine, (1,))
     # Non-negative weights: a single non-zero entry equal to 1, or none.
     return ids, (nonzeros > 1) | ((nonzeros == 1) & (row_max != 1))
-
-
-def any_soft(labels: Labels, axis_name: AxisName) -> Array:
-    """Whether some weight row is neither one-hot nor zero, on any device (so every device takes one branch)."""
-    soft = jnp.any(labels.soft_rows)
-    if axis_name is None:
-        return soft
-    return pmax(soft.astype(jnp.int32), axis_name) > 0
 
 
 def one_hot(ids: Array, num_classes: int, dtype) -> Array:

@@ -62,6 +62,29 @@ def test_penalty_rows_time_both_label_forms_against_a_baseline(tmp_path):
         assert row['rel_diff'] < 1e-5
 
 
+def test_penalty_rows_time_calls_synchronously_and_restore_the_dispatch_flag(monkeypatch):
+    """Calls of 10-50 µs are timed on the calling thread (no hand-off to a worker), and the caller's
+    setting of jax_cpu_enable_async_dispatch survives the call, whichever it was."""
+    seen = []
+    real = bench._interleaved_medians
+
+    def spy(fns, repeats, **kwargs):
+        seen.append(jax.config.read('jax_cpu_enable_async_dispatch'))
+        return real(fns, repeats, **kwargs)
+
+    monkeypatch.setattr(bench, '_interleaved_medians', spy)
+    for before in (True, False):
+        jax.config.update('jax_cpu_enable_async_dispatch', before)
+        try:
+            bench.penalty_rows(shapes=((8, 5, 3),), names=('vr',), repeats=1)
+            assert jax.config.read('jax_cpu_enable_async_dispatch') is before
+        finally:
+            jax.config.update('jax_cpu_enable_async_dispatch', True)
+    assert seen == [False, False]
+    bench.penalty_rows(shapes=((8, 5, 3),), names=('vr',), repeats=1, synchronous=False)
+    assert seen[-1] is True
+
+
 def test_penalty_rows_in_processes_report_medians_and_ranges_over_processes():
     import pathlib
 

@@ -114,10 +114,26 @@ def test_hard_rows_are_recognized(weights, hard):
     from cwreg import labels as labels_lib
 
     read, _ = labels_lib.as_labels(jnp.asarray(weights), len(weights), None, None, 'cw_vr', jnp.float32)
-    assert bool(labels_lib.any_soft(read, None)) == (not hard)
+    assert bool(jnp.any(read.soft_rows)) == (not hard)
     if hard:  # each row's class, K for a zero row
         expected = np.where(np.asarray(weights).sum(1) > 0, np.argmax(weights, 1), weights.shape[1])
         np.testing.assert_array_equal(np.asarray(read.ids), expected)
+
+
+@pytest.mark.parametrize('branch', ['cpu', 'default'])
+@pytest.mark.parametrize('shape', SHAPES)
+@pytest.mark.parametrize('name', CLASS_WISE)
+@pytest.mark.parametrize('bad_row', [[np.nan, 0, 0], [0, np.nan, np.nan]])
+def test_a_label_row_of_nan_gives_nan_not_the_batch_without_it(name, shape, branch, bad_row):
+    """A NaN weight is no zero row: the statistics it enters are undefined, so the value is NaN (a row with
+    no positive weight is soft, and the hard-label path must see it, not drop it as "no class")."""
+    n, i, k = shape
+    x, ids = _batch(n, i, k)
+    labels = np.eye(k, dtype=np.float32)[ids]
+    labels[3] = bad_row
+    with _branch(branch):
+        value, _ = _value_and_grad(name, x, labels)
+    assert np.isnan(value), value
 
 
 def _padded(x, ids, k, pad, fill):
