@@ -142,10 +142,13 @@ class Penalty(Protocol):
 # Class membership: hard labels (ids) or one weighted class.
 
 
-def _pow2_scale(largest: Array) -> Array:
-    """A power of 2 near ``largest`` (≥ 0), so that dividing by it is exact and brings values near 1."""
+def _pow2_scale(largest: Array) -> tuple[Array, Array]:
+    """A power of 2 near ``largest`` (≥ 0) and its inverse: multiplying by either is exact, brings values
+    near 1 and costs no division (one XLA:CPU task fewer)."""
     _, exponent = jnp.frexp(largest)
-    return jnp.ldexp(jnp.ones((), largest.dtype), jnp.clip(exponent, -126, 127))
+    exponent = jnp.clip(exponent, -126, 126)  # both powers normal floats
+    one = jnp.ones((), largest.dtype)
+    return jnp.ldexp(one, exponent), jnp.ldexp(one, -exponent)
 
 
 @jax.custom_batching.custom_vmap
@@ -435,8 +438,8 @@ def _variance_sum(members, z: Array, axis_name: AxisName, divisor: float, with_g
         # loop, XLA:CPU copied it: VR 1.15× the baseline instead of 1.07×).
         class_sums = psum(members.sums(z), axis_name) if isinstance(members, _OneClass) else sums
         x = members.centre(z, class_sums * inv_counts[:, None])
-        unit = _pow2_scale(pmax(jnp.max(jnp.abs(x)), axis_name))
-        value = (_variance_value(members, x * (1.0 / unit), inv_counts, axis_name, divisor) * unit) * unit
+        unit, inverse = _pow2_scale(pmax(jnp.max(jnp.abs(x)), axis_name))
+        value = (_variance_value(members, x * inverse, inv_counts, axis_name, divisor) * unit) * unit
         return value, current[1]
 
     # inf, or NaN where a product with one-hot rows met inf. The value is global: one branch on all devices.
@@ -473,9 +476,13 @@ def _off_diagonal_by_covariance(
     """
     centred, inv_counts = _class_centred(members, z, axis_name)
     mask = _off_diagonal_mask(z.shape[1], centred.dtype)
-    off_diagonal = psum(members.scatter(centred), axis_name) * (inv_counts[:, None, None] * mask)
-    scale = _pow2_scale(jnp.max(jnp.abs(off_diagonal)))  # Squares of entries near 1e19 would overflow.
-    shrunk = off_diagonal * (1.0 / scale)
+    covariances = psum(members.scatter(centred), axis_name) * inv_counts[:, None, None]
+    off_diagonal = covariances * mask
+    # Squares of entries near 1e19 overflow: scaled by the largest entry, a variance (|c_ij| ≤ √(c_ii c_jj));
+    # off-diagonal ones lost below it are below 1e-38 of the total. Over the masked entries instead, CR at
+    # 100×100 units took 1.12× the baseline's time, not 1.04×.
+    scale, inverse = _pow2_scale(jnp.max(jnp.abs(covariances)))
+    shrunk = off_diagonal * inverse
     value = (jnp.sum(shrunk * shrunk) / divisor) * scale * scale
     grad = members.apply((4.0 / divisor) * inv_counts, off_diagonal, centred) if with_gradient else None
     return (value, grad), None, None
@@ -659,11 +666,11 @@ def _off_diagonal_by_gram(
     other_members = members if axis_size(axis_name) == 1 else members.gathered(axis_name)
     gram, square_sums = rows.gram_and_square_sums()
     # One power of 2 for every device: the difference below compares global sums.
-    scale = _pow2_scale(pmax(jnp.max(jnp.abs(gram)), axis_name))
-    weighted = members.pair_weights(inv_counts * inv_counts, other_members) * (gram * (1.0 / scale))
-    frobenius = psum(jnp.sum(weighted * (gram * (1.0 / scale))), axis_name)
+    scale, inverse = _pow2_scale(pmax(jnp.max(jnp.abs(gram)), axis_name))
+    weighted = members.pair_weights(inv_counts * inv_counts, other_members) * (gram * inverse)
+    frobenius = psum(jnp.sum(weighted * (gram * inverse)), axis_name)
     variances = psum(square_sums, axis_name) * inv_counts[:, None]
-    shrunk_variances = variances * (1.0 / scale)
+    shrunk_variances = variances * inverse
     difference = frobenius - jnp.sum(shrunk_variances * shrunk_variances)
     # A sum of squares: a rounded difference below 0 is clamped; the gradient stays Table 1's.
     value = (jnp.maximum(difference, 0.0) / divisor) * scale * scale
