@@ -223,10 +223,11 @@ class _HardClasses:
         num_classes: int,
         dtype,
         precision: PrecisionLike,
-        soft_rows: Optional[Array] = None,
+        float_labels: Optional[tuple[Array, Array]] = None,
     ):
         self.ids, self.num_classes, self.dtype, self.precision = ids, num_classes, dtype, precision
-        self.soft_rows = soft_rows  # (N,) float-label rows that are not hard: see centre
+        # Float labels the ids were read from: weights (N, K) and soft_rows (N,), those not hard (see centre).
+        self.weights, self.soft_rows = (None, None) if float_labels is None else float_labels
 
     def _one_hot(self, ids: Optional[Array] = None) -> Array:
         return labels_lib.one_hot(self.ids if ids is None else ids, self.num_classes, self.dtype)
@@ -272,6 +273,8 @@ class _HardClasses:
         return lax.platform_dependent(class_values, self.ids, default=by_product, cpu=with_none)
 
     def counts(self, axis_name: AxisName) -> Array:
+        if self.weights is not None:  # Their column sums, exact for hard rows: one XLA:CPU task, not three.
+            return psum(jnp.sum(self.weights, axis=0), axis_name)
         return psum(self.sums(jnp.ones(self.ids.shape, self.dtype)), axis_name)
 
     def square_sums(self, x: Array) -> Array:
@@ -416,7 +419,7 @@ def _class_centred(members, z: Array, axis_name: AxisName) -> tuple[Array, Array
 
 def _variance_value(members, x: Array, inv_counts: Array, axis_name: AxisName, divisor: float) -> Array:
     """Σ_k (1/W_k) Σ_n w_nk ‖x_n‖² / divisor for class-centred rows x (0 outside every class)."""
-    return jnp.sum(psum(members.square_sums(x), axis_name) * inv_counts) / divisor
+    return jnp.sum(psum(members.square_sums(x), axis_name) * (inv_counts * (1.0 / divisor)))
 
 
 def _variance_sum(members, z: Array, axis_name: AxisName, divisor: float, with_gradient: bool) -> _Form:
@@ -721,7 +724,8 @@ def _statistic(
     def members(arrays, z):
         if one_class:
             return _OneClass(arrays.get('weights'), z.shape[0], z.dtype, precision)
-        return _HardClasses(arrays['ids'], num_classes, z.dtype, precision, arrays.get('soft_rows'))
+        float_labels = (arrays['weights'], arrays['soft_rows']) if 'weights' in arrays else None
+        return _HardClasses(arrays['ids'], num_classes, z.dtype, precision, float_labels)
 
     def masked(z, arrays):  # Masked rows may hold anything (even NaN): the products must not see them.
         weights = arrays.get('weights') if one_class else None
