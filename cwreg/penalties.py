@@ -55,8 +55,8 @@ or from the N×N Gram matrix of class-centred activations restricted to same-cla
 * Where the covariance form costs at most 32× the Gram form (``use_exact_fallback``: K·I ≤ 32 N, e.g.
   MNIST's cw-CR layer), a Gram result within 2·10⁴ bounds of cancelling is recomputed by the covariance
   form, one class at a time, so the covariance form's bounds hold there too (tested). That rare branch
-  costs nothing when not taken, and under vmap the whole batch takes it if any member needs it. Only wider
-  layers keep the Gram form's bound.
+  does no work when not taken (XLA:CPU still sets up its buffers on every call, about 0.1 µs each), and
+  under vmap the whole batch takes it if any member needs it. Only wider layers keep the Gram form's bound.
 * Values and gradients are finite wherever the float64 value is finite in float32: second moments are
   rescaled by powers of 2, which is exact, so results are those of the unscaled formulas in the normal
   range. jit and eager agree.
