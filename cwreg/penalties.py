@@ -273,8 +273,11 @@ class _HardClasses:
         return lax.platform_dependent(class_values, self.ids, default=by_product, cpu=with_none)
 
     def counts(self, axis_name: AxisName) -> Array:
-        if self.weights is not None:  # Their column sums, exact for hard rows: one XLA:CPU task, not three.
-            return psum(jnp.sum(self.weights, axis=0), axis_name)
+        # From float labels, their column sums (exact for hard rows) as a product: no combiner scalars for
+        # XLA:CPU to set up on every call (as a reduction, one-hot cw-VR at 100×100 units ran 4 % slower).
+        if self.weights is not None:
+            ones = jnp.ones((self.weights.shape[0],), self.dtype)
+            return psum(jnp.matmul(ones, self.weights, precision=self.precision), axis_name)
         return psum(self.sums(jnp.ones(self.ids.shape, self.dtype)), axis_name)
 
     def square_sums(self, x: Array) -> Array:

@@ -85,6 +85,15 @@ def test_penalty_rows_time_calls_synchronously_and_restore_the_dispatch_flag(mon
     assert seen[-1] is True
 
 
+def test_interleaved_medians_alternate_which_function_goes_first():
+    """A round's first call is slower (cache, dispatch state): the first place must not always fall to one."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ('ours', 'baseline', 'other')}
+    bench._interleaved_medians(fns, repeats=4, min_time=0.0)
+    rounds = [tuple(calls[i : i + 3]) for i in range(3, len(calls), 3)]  # after the warm-up calls
+    assert rounds[:4] == [('ours', 'baseline', 'other'), ('other', 'baseline', 'ours')] * 2
+
+
 def test_penalty_rows_in_processes_report_medians_and_ranges_over_processes():
     import pathlib
 
