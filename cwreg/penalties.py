@@ -368,9 +368,13 @@ class _OneClass:
         return psum(jnp.sum(self.weights, keepdims=True), axis_name)
 
     def square_sums(self, x: Array) -> Array:
-        """Σ_n w_n ‖x_n‖² (1,): one reduction to a scalar (per-row sums and their sum were 4 XLA:CPU tasks)."""
-        left = x if self.weights is None else self.weights[:, None] * x
-        return jnp.einsum('ni,ni->', left, x, precision=self.precision)[None]
+        """Σ_n w_n ‖x_n‖² (1,): without weights one reduction to a scalar (per-row sums and their sum were 4
+        XLA:CPU tasks); with them, per-row sums weighted by a product (w_n x_n would be a second (N, I) array:
+        at 65,536 units it took one-hot cw-VR's buffer past glibc's 32 MB mmap threshold, 1.22×)."""
+        if self.weights is None:
+            return jnp.einsum('ni,ni->', x, x, precision=self.precision)[None]
+        rows = jnp.einsum('ni,ni->n', x, x, precision=self.precision)
+        return jnp.matmul(self.weights, rows, precision=self.precision)[None]
 
     def centre(self, z: Array, means: Array) -> Array:
         centred = z - means[0]
