@@ -442,10 +442,9 @@ def _variance_sum(members, z: Array, axis_name: AxisName, divisor: float, with_g
     def rescaled(current):
         # Squares of entries near 1e19, or their sums, overflow where the statistic, a mean, need not:
         # computed again from x / max|x|, exact to rounding. Recomputing x here keeps it fused into its
-        # consumers above.
-        # The means from the class sums: an operand of the loop, the means themselves were one more XLA:CPU
-        # task of about 1 µs at 100×100 units; one class's sum is a product, recomputed (an operand of the
-        # loop, XLA:CPU copied it: VR 1.15× the baseline instead of 1.07×).
+        # consumers above. The means come from the class sums, not as a loop operand of their own (one more
+        # XLA:CPU task at 100×100 units); one class's sum, a single product, is recomputed, as XLA:CPU copied
+        # it into the loop (VR then ran 1.15× the baseline instead of 1.07×).
         class_sums = psum(members.sums(z), axis_name) if isinstance(members, _OneClass) else sums
         x = members.centre(z, class_sums * inv_counts[:, None])
         unit, inverse = _pow2_scale(pmax(jnp.max(jnp.abs(x)), axis_name))

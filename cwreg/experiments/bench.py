@@ -121,11 +121,12 @@ def _interleaved_medians(
         jax.block_until_ready(fn())
     times = {name: [] for name in fns}
     orders = (list(fns.items()), list(fns.items())[::-1])
-    start = time.perf_counter()
+    start, rounds = time.perf_counter(), 0
     while min(map(len, times.values())) < repeats or (
         time.perf_counter() - start < min_time * len(fns) and min(map(len, times.values())) < max_repeats
     ):
-        for name, fn in orders[len(times[next(iter(fns))]) % 2]:
+        rounds += 1
+        for name, fn in orders[rounds % 2 == 0]:
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - t0)
